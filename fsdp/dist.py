@@ -1,0 +1,92 @@
+"""Process group, device and mesh: the one place that chooses CUDA + NCCL or CPU + gloo.
+
+Reads the environment that torchrun, `srun`-started torchrun and `accelerate launch` all set (RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); with none of it (plain `python`), it runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+def read_env() -> DistEnv:
+    """Ranks from the launcher's environment, and the device/backend pair — before any process group exists."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available() and os.environ.get("SHARDTUNE_DEVICE", "cuda") != "cpu":
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
+    """Start the process group (a one-process group for plain `python`: FSDP2 still needs a mesh)."""
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+                            device_id=env.device if env.device.type == "cuda" else None)
+
+
+def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh:
+    """1-D mesh for full/grad-op; 2-D (replicate, shard) for hybrid (shard within a node) and none (pure replicas)."""
+    device_type = env.device.type
+    if sharding == "hybrid":
+        return init_device_mesh(device_type, (env.num_nodes, env.local_world_size), mesh_dim_names=("replicate", "shard"))
+    if sharding == "none":
+        return init_device_mesh(device_type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (one collective; all ranks must call it)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,85 @@
+"""Applies parallelism to a backbone's model in one documented order — activation checkpointing -> (compile, later)
+-> FSDP2 — and offers the few verbs the training loop needs (gradient sync, clipping, global sums)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable import checkpoint as checkpoint_module
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+def build_mp_policy(mixed_precision: str, half_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """bf16: compute in the backbone's half dtype over fp32 master weights, reduce gradients in fp32."""
+    if mixed_precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=half_dtype, reduce_dtype=torch.float32)
+
+
+def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, mesh: DeviceMesh,
+                      half_dtype: torch.dtype) -> nn.Module:
+    """In place, in this order (each later step wraps what the earlier produced):
+    1. activation checkpointing per `layer_cls` block (composable: parameter names are unchanged);
+    2. torch.compile would go here, per block;
+    3. `fully_shard` on every `layer_cls` block, then on the root — the FSDP2 form of
+       `transformer_auto_wrap_policy({layer_cls})`; the root group holds embeddings, final norm and head.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, layer_cls)]
+    if not blocks:
+        raise ValueError(f"no {layer_cls.__name__} modules found to shard in {type(model).__name__}")
+    if fsdp_cfg.activation_checkpointing:
+        for block in blocks:
+            checkpoint_module(block)
+    kwargs = dict(
+        mesh=mesh,
+        mp_policy=build_mp_policy(fsdp_cfg.mixed_precision, half_dtype),
+        offload_policy=CPUOffloadPolicy() if fsdp_cfg.cpu_offload else OffloadPolicy(),
+        # grad-op (ZeRO-2): keep gathered parameters from forward to backward; full (ZeRO-3) frees them.
+        reshard_after_forward=fsdp_cfg.sharding not in ("grad-op", "none"),
+    )
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    # Sum (not average) gradients across ranks: the trainer divides the loss by the global supervised-token count,
+    # which makes the gradient exact whatever the world size.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    log.info("FSDP2 sharding=%s over mesh %s: %d %s blocks + root; mixed precision %s; activation checkpointing %s",
+             fsdp_cfg.sharding, tuple(mesh.shape), len(blocks), layer_cls.__name__, fsdp_cfg.mixed_precision,
+             "on" if fsdp_cfg.activation_checkpointing else "off")
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Gradient accumulation: skip the reduce-scatter on all micro-steps but the last."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of all gradients (every shard on every rank); clips in place when max_norm > 0."""
+    grads = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums of Python numbers over all ranks, in float64 (exact for token counts)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()

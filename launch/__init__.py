@@ -1,0 +1,1 @@
+"""The run: configuration, data, the training loop, metrics and the entry points."""

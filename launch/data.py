@@ -1,0 +1,149 @@
+"""Supervised token data: prompt-built text -> token ids and labels (-100 except assistant answers and their EOS),
+cached on disk; optional packing; and collation into padded or packed micro-batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from backbones.base import LLMBackbone
+from backbones.prompting import Prompt
+from backbones.tiny import cache_root
+from launch.config import DataConfig
+from launch.data_sources import DataError, read_rows, render_row, resolve_path
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+# Bump when tokenization below changes: cached token files from older code must not be reused.
+TOKENIZATION_VERSION = "v1"
+
+
+def encode_prompt(prompt: Prompt, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids (BOS first) and labels: a token is supervised when its characters overlap an answer span."""
+    encoding = tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    labels = [
+        token if end > start and any(start < b and end > a for a, b in prompt.answer_spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, offsets)
+    ]
+    if not prompt.has_bos:
+        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
+    return ids, labels
+
+
+@dataclass
+class TokenizedData:
+    dataset: datasets.Dataset  # columns input_ids, labels (and position_ids when packed)
+    packed: bool
+    from_cache: bool
+    overlong: int  # examples truncated or dropped
+    padding_fraction: float = 0.0  # packed rows only
+
+
+def build_tokenized(data: DataConfig, backbone: LLMBackbone, split: str, packing: bool | None = None) -> TokenizedData:
+    """Load, check, tokenize (cached by content), apply `data.overlong`, and pack when asked."""
+    source = resolve_path(data, split)
+    if source is None:
+        raise DataError(f"no {split} data: give --data.{'path' if split == 'train' else 'eval_path'}")
+    rows, digest = read_rows(source, data.split if split == "train" else data.eval_split)
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty; expected at least one example")
+    tokenizer = backbone.tokenizer
+    key = hashlib.sha256("|".join([
+        TOKENIZATION_VERSION, digest, backbone.identifier, tokenizer.backend_tokenizer.to_str(),
+        repr(sorted(vars(data).items())),
+    ]).encode()).hexdigest()[:24]
+    cache_dir = cache_root() / "tokenized" / key
+    if (cache_dir / "dataset_info.json").is_file():
+        dataset, from_cache = datasets.load_from_disk(str(cache_dir)), True
+    else:
+        builder = backbone.prompt_builder_fn(backbone.identifier)
+        records = {"input_ids": [], "labels": [], "overlong": []}
+        jsonl = source.endswith(".jsonl")
+        for i, row in enumerate(rows):
+            where = f"{source}:{i + 1}" if jsonl else f"{source} row {i}"
+            ids, labels = encode_prompt(render_row(row, data, builder, where), tokenizer)
+            records["overlong"].append(len(ids) > data.max_length)
+            records["input_ids"].append(ids[: data.max_length])
+            records["labels"].append(labels[: data.max_length])
+        dataset, from_cache = datasets.Dataset.from_dict(records), False
+        save_atomically(dataset, cache_dir)
+    overlong = sum(dataset["overlong"])
+    if data.overlong == "drop" and overlong:
+        dataset = dataset.filter(lambda flag: not flag, input_columns="overlong")
+        if len(dataset) == 0:
+            raise DataError(f"{source}: every example is longer than --data.max_length={data.max_length}")
+    dataset = dataset.remove_columns("overlong")
+    if overlong:
+        log.info("%s: %d of %d examples longer than %d tokens were %s", split, overlong, len(rows), data.max_length,
+                 "dropped" if data.overlong == "drop" else "truncated")
+    if packing if packing is not None else data.packing:
+        return pack(dataset, data.max_length, tokenizer.pad_token_id, from_cache, overlong)
+    return TokenizedData(dataset.with_format("python"), packed=False, from_cache=from_cache, overlong=overlong)
+
+
+def save_atomically(dataset: datasets.Dataset, target: Path) -> None:
+    """Write under a temporary name and rename: a concurrent or interrupted writer never leaves a partial cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    dataset.save_to_disk(str(tmp))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another rank cached the same content first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bool, overlong: int) -> TokenizedData:
+    """Greedy in-order packing into rows of `max_length`; position ids restart per example so that, with no
+    attention mask, transformers keeps attention within each example (and the padding tail is its own segment)."""
+    rows = {"input_ids": [], "labels": [], "position_ids": []}
+    current = {k: [] for k in rows}
+
+    def flush() -> None:
+        pad = max_length - len(current["input_ids"])
+        rows["input_ids"].append(current["input_ids"] + [pad_id] * pad)
+        rows["labels"].append(current["labels"] + [IGNORE_INDEX] * pad)
+        rows["position_ids"].append(current["position_ids"] + list(range(pad)))
+        for k in current:
+            current[k] = []
+
+    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+        if len(current["input_ids"]) + len(ids) > max_length:
+            flush()
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        flush()
+    real = sum(len(ids) for ids in dataset["input_ids"])
+    padding = 1.0 - real / (len(rows["input_ids"]) * max_length)
+    log.info("packed %d examples into %d rows of %d tokens; padding fraction %.3f",
+             len(dataset), len(rows["input_ids"]), max_length, padding)
+    return TokenizedData(datasets.Dataset.from_dict(rows).with_format("python"), True, from_cache, overlong, padding)
+
+
+def collate(examples: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-padded batch with an attention mask, or packed rows with position ids and no mask."""
+    if packed:
+        return {
+            "input_ids": torch.tensor([e["input_ids"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples]),
+            "position_ids": torch.tensor([e["position_ids"] for e in examples]),
+        }
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_id), "labels": torch.full((len(examples), width), IGNORE_INDEX),
+             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])
+        batch["labels"][row, :n] = torch.tensor(e["labels"])
+        batch["attention_mask"][row, :n] = 1
+    return batch

@@ -1,0 +1,117 @@
+"""Reading SFT data (local .jsonl/.json/.parquet, a Hub dataset id, or the bundled set) and checking each row.
+
+Every problem is reported before training, with the file, the line or row, and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from backbones.prompting import Prompt, PromptBuilder
+from launch.bundled_data import bundled_path
+from launch.config import DataConfig, looks_local
+
+
+class DataError(ValueError):
+    """Bad training data: names the file, the line or row, and what was expected."""
+
+
+def resolve_path(data: DataConfig, split: str) -> str | None:
+    """The file or Hub id for `split` ("train" or "eval")."""
+    if data.path == "bundled" and (split == "train" or data.eval_path in (None, "bundled")):
+        return str(bundled_path(data.format, split))
+    return data.path if split == "train" else data.eval_path
+
+
+def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows as dicts, and a digest of the source's content (the tokenization cache key)."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or looks_local(source):
+        if not path.is_file():
+            raise DataError(f"{source}: no such file (--data.path / --data.eval_path)")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.suffix == ".parquet":
+            import datasets
+
+            return datasets.Dataset.from_parquet(str(path)).to_list(), digest
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{source}:{error.lineno}: malformed JSON ({error.msg}); expected a list of objects") from None
+            if not isinstance(rows, list):
+                raise DataError(f"{source}: expected a JSON list of objects, found {type(rows).__name__}")
+            for i, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{source} row {i}: expected a JSON object, found {type(row).__name__}")
+            return rows, digest
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{source}:{lineno}: malformed JSON line ({error.msg}); expected one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{source}:{lineno}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+        return rows, digest
+    import datasets  # a Hub dataset id (or a local dataset script directory)
+
+    dataset = datasets.load_dataset(source, split=hub_split)
+    return dataset.to_list(), f"{source}:{hub_split}:{dataset._fingerprint}"
+
+
+def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, where: str) -> Prompt:
+    """One row -> the prompt text and its supervised spans, per `data.format`."""
+
+    def field(name: str) -> str:
+        if name not in row:
+            raise DataError(f"{where}: missing field '{name}' for --data.format={data.format}; row has {sorted(row)}")
+        if not isinstance(row[name], str):
+            raise DataError(f"{where}: field '{name}' must be a string, found {type(row[name]).__name__}")
+        return row[name]
+
+    if data.format == "text":
+        text = field(data.text_field)
+        if not text:
+            raise DataError(f"{where}: empty '{data.text_field}'")
+        text += builder.eos
+        return Prompt(text=text, answer_spans=[(0, len(text))])
+    if data.format == "alpaca":
+        instruction, output = field(data.instruction_field), field(data.output_field)
+        extra = row.get(data.input_field) or ""
+        user = f"{instruction}\n{extra}" if extra else instruction
+        return builder.build([(user, output)])
+    return builder.build(*conversation_turns(row, data.messages_field, where))
+
+
+def conversation_turns(row: dict[str, Any], key: str, where: str) -> tuple[list[tuple[str, str]], str | None]:
+    """`messages` = [system?] then alternating user/assistant, ending with an assistant answer."""
+    messages = row.get(key)
+    if messages is None:
+        raise DataError(f"{where}: missing field '{key}' (--data.messages_field); expected a list of {{role, content}}")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: empty conversation; '{key}' needs at least a user and an assistant message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    if not messages:
+        raise DataError(f"{where}: empty conversation; only a system message is present")
+    for i, message in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DataError(f"{where}: wrong role order: message {i + (system is not None)} has role "
+                            f"'{message['role']}', expected '{expected}' (system?, then user/assistant alternating)")
+    if len(messages) % 2:
+        raise DataError(f"{where}: conversation ends with a user message; expected it to end with an assistant answer")
+    turns = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+    return turns, system

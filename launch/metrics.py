@@ -1,0 +1,88 @@
+"""Run output from rank 0 only: console logging (secrets redacted), `metrics.jsonl`, optional wandb, progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces the Hub token's value wherever it would reach a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        token = os.environ.get("HF_TOKEN")
+        if token and token in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(token, "***"), None
+        return True
+
+
+def setup_logging(is_rank0: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactSecrets())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Other ranks stay quiet unless something is wrong.
+    root.setLevel(logging.INFO if is_rank0 else logging.WARNING)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Library progress bars (dataset saving, weight loading) would interleave with the training bar.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+class MetricsWriter:
+    """One JSON object per optimizer step / evaluation in `metrics.jsonl`, mirrored to the chosen trackers."""
+
+    def __init__(self, run_dir: Path, trackers: list[str], config: dict, enabled: bool, wandb_project: str) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb = None
+        if enabled and "wandb" in trackers:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config,
+                                    name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (written after the checkpoint a resume starts from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable run id per output directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / ".wandb_id"
+    if not id_file.exists():
+        import wandb.util
+
+        id_file.write_text(wandb.util.generate_id())
+    return id_file.read_text().strip()
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr)

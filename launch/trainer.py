@@ -1,0 +1,145 @@
+"""The training loop: token-normalised loss over the whole global batch, gradient accumulation with one gradient sync
+per step, global gradient-norm clipping, periodic evaluation, metrics. Uses only the verbs of `fsdp`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, set_gradient_sync
+from launch.config import Config
+from launch.data import IGNORE_INDEX, TokenizedData, collate
+from launch.metrics import MetricsWriter, progress_bar
+from launch.optim import build_optimizer, build_schedule
+from launch.sampler import GlobalBatchSampler
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per GPU for model FLOPs utilisation; unknown devices log no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over supervised tokens, in fp32."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Trainer:
+    config: Config
+    env: DistEnv
+    model: nn.Module
+    decay_names: set[str]
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    pad_id: int
+    metrics: MetricsWriter
+    flops_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        train = self.config.train
+        self.sampler = GlobalBatchSampler(len(self.train_data.dataset), train.global_batch_size, self.config.run.seed)
+        self.total_steps = train.max_steps or train.epochs * self.sampler.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, self.decay_names, train)
+        self.scheduler = build_schedule(self.optimizer, train, self.total_steps)
+        self.step = 0  # optimizer steps completed
+        self.peak_flops = None
+        if self.env.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.env.device)
+            self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+    def batch(self, data: TokenizedData, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate([data.dataset[i] for i in indices], self.pad_id, data.packed)
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over this rank's share of global batch `self.step`."""
+        start = time.perf_counter()
+        train = self.config.train
+        micro = self.sampler.micro_batches(self.step, self.env.rank, self.env.world_size, train.micro_batch_size)
+        batches = [self.batch(self.train_data, indices) for indices in micro]
+        local_tokens = sum(supervised_tokens(b) for b in batches)
+        # Tokens the model processed: non-padding positions, or whole rows when packed.
+        local_inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                           for b in batches)
+        tokens, inputs = all_reduce_sum([local_tokens, local_inputs], self.env.device)
+        loss_sum = torch.zeros((), device=self.env.device)
+        for k, batch in enumerate(batches):
+            set_gradient_sync(self.model, k == len(batches) - 1)
+            loss = token_loss_sum(self.model, batch)
+            # Divide by the global supervised-token count: gradients are summed over ranks and micro-steps, so the
+            # step's gradient is that of (all token losses of the global batch) / (all its supervised tokens).
+            (loss / max(tokens, 1.0)).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (total_loss,) = all_reduce_sum([float(loss_sum)], self.env.device)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        record = {"step": self.step, "epoch": self.sampler.position(self.step - 1)[0], "loss": total_loss / max(tokens, 1.0),
+                  "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "input_tokens": int(inputs),
+                  "tokens_per_s": inputs / elapsed, "step_time_s": elapsed}
+        if self.peak_flops and self.flops_per_token:
+            record["mfu"] = self.flops_per_token * inputs / elapsed / (self.peak_flops * self.env.world_size)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted eval loss over the whole eval split, all ranks together. Every rank runs the same number of
+        forward passes (FSDP gathers are collectives); a rank with no examples left runs a fully masked batch."""
+        data = self.eval_data
+        self.model.eval()
+        mb, n = self.config.train.micro_batch_size, len(data.dataset)
+        per_round = mb * self.env.world_size
+        loss_sum, token_sum = 0.0, 0
+        for start in range(0, n, per_round):
+            lo = start + self.env.rank * mb
+            indices = list(range(lo, min(lo + mb, n)))
+            batch = self.batch(data, indices or [0])
+            if not indices:
+                batch["labels"].fill_(IGNORE_INDEX)
+            loss_sum += float(token_loss_sum(self.model, batch))
+            token_sum += supervised_tokens(batch)
+        self.model.train()
+        total_loss, total_tokens = all_reduce_sum([loss_sum, token_sum], self.env.device)
+        return total_loss / max(total_tokens, 1.0)
+
+    def fit(self, on_step_end: Callable[["Trainer"], bool] | None = None) -> None:
+        """Train to `total_steps`. `on_step_end` (checkpointing, signals) returns True to stop early."""
+        eval_every = self.config.train.eval_every
+        bar = progress_bar(self.total_steps, self.step, self.env.is_rank0)
+        if self.eval_data is not None and self.step == 0:
+            self.log_eval()
+        while self.step < self.total_steps:
+            record = self.train_step()
+            self.metrics.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            last = self.step == self.total_steps
+            if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
+                self.log_eval()
+            if on_step_end is not None and on_step_end(self):
+                break
+        bar.close()
+
+    def log_eval(self) -> None:
+        eval_loss = self.evaluate()
+        self.metrics.log({"step": self.step, "eval_loss": eval_loss})
+        log.info("step %d: eval loss %.4f (perplexity %.2f)", self.step, eval_loss, math.exp(min(eval_loss, 50)))
