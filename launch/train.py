@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 import os
 import sys
 from pathlib import Path
@@ -20,13 +21,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from backbones import build_backbone
-from fsdp import apply_parallelism, barrier, build_mesh, init_distributed, read_env, teardown
+from backbones import HFCausalLLMBackbone, build_backbone
+from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, read_env, teardown
 from fsdp.export import export_hf, model_tensor_sources
 from fsdp.materialize import load_from_rank0
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, dump_config, parse_config, validate_config
-from launch.data import build_tokenized
+from launch.data import TokenizedData, build_tokenized
 from launch.data_sources import DataError
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import decay_parameter_names
@@ -38,30 +39,49 @@ log = logging.getLogger("launch.train")
 EXIT_BAD_INPUT = 2
 
 
+@dataclass
+class Prepared:
+    """Everything built before the process group starts."""
+
+    config: Config
+    backbone: HFCausalLLMBackbone
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    attn: str
+
+
+BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, OSError)
+
+
+def prepare(argv: list[str], env: DistEnv) -> Prepared:
+    """Everything that can be refused, checked identically on every rank before any process group exists: a bad
+    run exits at once on all ranks instead of leaving some waiting in a collective."""
+    config = parse_config(argv)
+    validate_config(config, env.world_size)
+    check_run_dir(config.run.output_dir, config.run.overwrite)
+    attn, attn_line = resolve_attn_implementation(config.model.attn_implementation, env.device,
+                                                  config.fsdp.mixed_precision)
+    log.info(attn_line)
+    # build: the backbone on `meta` (tokenizer, config, module tree; no weights yet)
+    backbone = build_model(config, attn, load_weights=False)
+    # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
+    train_data = build_tokenized(config.data, backbone, "train")
+    eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
+    return Prepared(config, backbone, train_data, eval_data, attn)
+
+
 def main(argv: list[str] | None = None) -> int:
     env = read_env()
     setup_logging(env.is_rank0)
-    # Everything that can be refused is checked here, identically on every rank, before any process group exists:
-    # a bad run exits at once on all ranks instead of leaving some waiting in a collective.
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
-        validate_config(config, env.world_size)
-        check_run_dir(config.run.output_dir, config.run.overwrite)
-        attn, attn_line = resolve_attn_implementation(config.model.attn_implementation, env.device,
-                                                      config.fsdp.mixed_precision)
-        # build: the backbone on `meta` (tokenizer, config, module tree; no weights yet)
-        backbone = build_model(config, attn, load_weights=False)
-        # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
-        train_data = build_tokenized(config.data, backbone, "train")
-        eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
-    except (ConfigError, RunDirError, AttentionError, DataError, FileNotFoundError) as error:
+        prepared = prepare(sys.argv[1:] if argv is None else argv, env)
+    except BAD_INPUT as error:
         if env.is_rank0:
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    log.info(attn_line)
     init_distributed(env)
     try:
-        fit_and_export(config, env, backbone, train_data, eval_data, attn)
+        fit_and_export(prepared, env)
     finally:
         teardown()
     return 0
@@ -77,7 +97,9 @@ def has_eval(config: Config) -> bool:
     return config.data.eval_path is not None or config.data.path == "bundled"
 
 
-def fit_and_export(config: Config, env, backbone, train_data, eval_data, attn: str) -> None:
+def fit_and_export(prepared: Prepared, env: DistEnv) -> Trainer:
+    """Shard, load, train and export; returns the trainer (its sharded model stays usable)."""
+    config, backbone = prepared.config, prepared.backbone
     run_dir = Path(config.run.output_dir)
     if env.is_rank0:
         prepare_run_dir(config.run.output_dir, config.run.overwrite, dump_config(config))
@@ -91,11 +113,11 @@ def fit_and_export(config: Config, env, backbone, train_data, eval_data, attn: s
     model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, config.fsdp, mesh,
                               backbone.half_precision_dtype)
     # materialise + load: rank 0 reads the weights, every rank receives its shards by broadcast
-    full = build_model(config, attn, load_weights=True).llm if env.is_rank0 else None
+    full = build_model(config, prepared.attn, load_weights=True).llm if env.is_rank0 else None
     load_from_rank0(model, full, env.device)
     del full
     metrics = MetricsWriter(run_dir, config.run.trackers, config_dict(config), env.is_rank0, config.run.wandb_project)
-    trainer = Trainer(config, env, model, decay_names, train_data, eval_data, backbone.tokenizer.pad_token_id,
+    trainer = Trainer(config, env, model, decay_names, prepared.train_data, prepared.eval_data, backbone.tokenizer.pad_token_id,
                       metrics, flops_per_token=6.0 * sum(p.numel() for p in model.parameters()))
     log.info("training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
              trainer.total_steps, config.train.global_batch_size, env.world_size, config.train.micro_batch_size,
@@ -106,6 +128,7 @@ def fit_and_export(config: Config, env, backbone, train_data, eval_data, attn: s
         metrics.close()
     export_final(config, backbone, model, run_dir / "final", env.is_rank0)
     log.info("done: %s", run_dir / "final")
+    return trainer
 
 
 def config_dict(config: Config) -> dict:

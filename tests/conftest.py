@@ -1,0 +1,61 @@
+"""Shared test setup: offline Hub, a session cache for the tiny model and data, and helpers that launch real
+multi-process runs (torchrun, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("SHARDTUNE_HOME", str(ROOT / ".cache" / "test-home"))
+os.environ.pop("HF_TOKEN", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from backbones.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_dir):
+    from backbones import build_backbone
+
+    return build_backbone("llama2-tiny-chat")
+
+
+def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
+            torchrun_args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m launch.train ARGS` (nproc=0) or `torchrun --nproc_per_node N -m launch.train ARGS`."""
+    if nproc == 0:
+        command = [sys.executable, "-m", "launch.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   *(torchrun_args or ["--standalone"]), "-m", "launch.train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train step records, eval records) of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+
+
+def load_final(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return {k: v for f in sorted(final.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "0"]

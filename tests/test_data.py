@@ -1,0 +1,141 @@
+"""The SFT data pipeline: packing parity, world-size-invariant sampling, caching, overlong handling, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.config import DataConfig
+from launch.data import IGNORE_INDEX, build_tokenized, collate
+from launch.data_sources import DataError
+from launch.sampler import GlobalBatchSampler
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def chat(*pairs, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, answer in pairs:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def test_packed_rows_give_each_example_its_own_logits(tiny_backbone):
+    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone, "train")
+    assert data.packed and 0.0 <= data.padding_fraction < 0.5
+    model = tiny_backbone.llm.eval()
+    rows = [data.dataset[i] for i in range(3)]
+    batch = collate(rows, tiny_backbone.tokenizer.pad_token_id, packed=True)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        checked = 0
+        for row_index, row in enumerate(rows):
+            positions = row["position_ids"]
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+            for a, b in zip(starts, starts[1:]):
+                if all(label == IGNORE_INDEX for label in row["labels"][a:b]):
+                    continue  # the padding tail
+                alone = model(input_ids=torch.tensor([row["input_ids"][a:b]]), use_cache=False).logits[0]
+                torch.testing.assert_close(packed_logits[row_index, a:b], alone, rtol=0, atol=1e-5)
+                checked += 1
+    assert checked >= 6  # several examples per row were compared
+
+
+def test_unpacked_batches_are_right_padded_with_masked_labels(tiny_backbone):
+    data = build_tokenized(DataConfig(path="bundled", format="alpaca", max_length=128), tiny_backbone, "train")
+    batch = collate([data.dataset[i] for i in range(4)], tiny_backbone.tokenizer.pad_token_id, packed=False)
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][pad] == tiny_backbone.tokenizer.pad_token_id).all()
+    assert (batch["attention_mask"][:, 0] == 1).all()  # right padding
+
+
+@pytest.mark.parametrize("global_batch", [8, 16])
+def test_sampler_gives_the_same_global_batches_for_any_world_size_and_micro_batch(global_batch):
+    sampler = GlobalBatchSampler(num_examples=103, global_batch_size=global_batch, seed=7)
+    for step in range(sampler.steps_per_epoch * 2 + 1):  # crosses an epoch boundary
+        reference = sampler.global_batch(step)
+        assert len(set(reference)) == global_batch
+        for world in (1, 2, 4):
+            for micro in (1, 2, global_batch // world):
+                if (global_batch // world) % micro:
+                    continue
+                seen = [i for rank in range(world) for mb in sampler.micro_batches(step, rank, world, micro) for i in mb]
+                assert seen == reference, (step, world, micro)
+    epoch0 = [i for s in range(sampler.steps_per_epoch) for i in sampler.global_batch(s)]
+    assert len(set(epoch0)) == len(epoch0)  # no example twice within an epoch
+    assert sampler.global_batch(sampler.steps_per_epoch) != sampler.global_batch(0)  # reshuffled per epoch
+
+
+def test_tokenization_is_cached_for_the_second_run(tiny_backbone, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(("What is 1 plus 1?", "2"))] * 5)
+    cfg = DataConfig(path=path, format="chat")
+    first, second = build_tokenized(cfg, tiny_backbone, "train"), build_tokenized(cfg, tiny_backbone, "train")
+    assert not first.from_cache and second.from_cache
+    assert first.dataset["input_ids"] == second.dataset["input_ids"]
+    write_jsonl(tmp_path / "d.jsonl", [chat(("What is 1 plus 2?", "3"))] * 5)  # new content -> new cache entry
+    assert not build_tokenized(cfg, tiny_backbone, "train").from_cache
+
+
+@pytest.mark.parametrize("mode", ["truncate", "drop"])
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_backbone, tmp_path, mode):
+    rows = [chat(("hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3))] * 2 + [chat(("hi", "yes"))] * 3
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format="chat", max_length=32, overlong=mode)
+    data = build_tokenized(cfg, tiny_backbone, "train")
+    assert data.overlong == 2
+    assert len(data.dataset) == (5 if mode == "truncate" else 3)
+    assert max(len(ids) for ids in data.dataset["input_ids"]) <= 32
+
+
+def test_alpaca_and_text_formats_with_field_overrides(tiny_backbone, tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"q": "Add the two numbers.", "ctx": "2 3", "a": "5"}])
+    data = build_tokenized(DataConfig(path=alpaca, format="alpaca", instruction_field="q", input_field="ctx",
+                                      output_field="a"), tiny_backbone, "train")
+    ids, labels = data.dataset[0]["input_ids"], data.dataset[0]["labels"]
+    supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tiny_backbone.tokenizer.decode(supervised) == "5 </s>"
+    text = write_jsonl(tmp_path / "t.jsonl", [{"body": "plain text to model"}])
+    data = build_tokenized(DataConfig(path=text, format="text", text_field="body"), tiny_backbone, "train")
+    assert all(label != IGNORE_INDEX for label in data.dataset[0]["labels"][1:])
+
+
+def test_parquet_and_json_files_load(tiny_backbone, tmp_path):
+    import datasets
+
+    rows = [chat(("What is 1 plus 1?", "2"))] * 3
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.parquet", "d.json"):
+        assert len(build_tokenized(DataConfig(path=str(tmp_path / name)), tiny_backbone, "train").dataset) == 3
+
+
+BAD = {
+    "malformed_json_line": ([chat(("a", "b")), '{"messages": [', chat(("a", "b"))], "chat", r"d\.jsonl:2: malformed JSON"),
+    "missing_field": ([{"instruction": "x"}], "alpaca", r"d\.jsonl:1: missing field 'output'"),
+    "missing_messages": ([{"text": "x"}], "chat", r"d\.jsonl:1: missing field 'messages'"),
+    "empty_conversation": ([{"messages": []}], "chat", r"d\.jsonl:1: empty conversation"),
+    "wrong_role_order": ([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}],
+                         "chat", r"d\.jsonl:1: wrong role order: message 0 has role 'assistant', expected 'user'"),
+    "ends_with_user": ([{"messages": [{"role": "user", "content": "y"}]}], "chat", r"d\.jsonl:1: .*ends with a user"),
+    "empty_dataset": ([], "chat", r"d\.jsonl: the dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_data_fails_with_file_line_and_expectation(tiny_backbone, tmp_path, case):
+    rows, fmt, message = BAD[case]
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format=fmt)
+    with pytest.raises(DataError, match=message):
+        build_tokenized(cfg, tiny_backbone, "train")
+
+
+def test_missing_data_file_names_the_path_and_flag(tiny_backbone, tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file \(--data\.path"):
+        build_tokenized(DataConfig(path=str(tmp_path / "nope.jsonl")), tiny_backbone, "train")

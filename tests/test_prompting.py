@@ -1,0 +1,73 @@
+"""Prompt builders reproduce each family's exact format; label tokens decode to exactly the answers (+EOS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backbones.prompting import VICUNA_SYSTEM_PROMPT, LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
+from launch.data import IGNORE_INDEX, encode_prompt
+
+TURNS = [("What is 2 plus 3?", "5"), ("And the capital of Peru?", "Lima"), ("Opposite of hot?", "cold")]
+SYSTEM = "Answer with one word."
+
+
+def expected(builder: str, n: int, system: str | None) -> str:
+    turns = TURNS[:n]
+    if builder == "pure":
+        head = f"{system}\n" if system else ""
+        return head + "".join(f"In: {u}\nOut: {a}</s>" for u, a in turns)
+    if builder == "llama2-chat":
+        text = ""
+        for i, (u, a) in enumerate(turns):
+            if i == 0 and system:
+                u = f"<<SYS>>\n{system}\n<</SYS>>\n\n{u}"
+            text += f"<s>[INST] {u} [/INST] {a} </s>"
+        return text
+    return f"{system or VICUNA_SYSTEM_PROMPT} " + "".join(f"USER: {u} ASSISTANT: {a}</s>" for u, a in turns)
+
+
+BUILDERS = {"pure": PurePromptBuilder, "llama2-chat": LLaMa2ChatPromptBuilder, "vicuna": VicunaV15PromptBuilder}
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_prompt_builder_reproduces_the_exact_format(name, n, system):
+    prompt = BUILDERS[name]("x").build(TURNS[:n], system=system)
+    assert prompt.text == expected(name, n, system)
+    eos_sep = " " if name == "llama2-chat" else ""
+    assert prompt.answers() == [f"{a}{eos_sep}</s>" for _, a in TURNS[:n]]
+
+
+def test_llama2_chat_system_block_uses_metas_two_angle_brackets():
+    text = LLaMa2ChatPromptBuilder("x").build(TURNS[:1], system="S").text
+    assert text.startswith("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\n") and "<<SYS>\n" not in text
+
+
+def test_vicuna_default_system_prompt_is_fastchats():
+    assert VicunaV15PromptBuilder("x").build(TURNS[:1]).text.startswith(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: ")
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_supervised_label_tokens_decode_to_exactly_the_answers(tiny_backbone, name, n, system):
+    tokenizer = tiny_backbone.tokenizer
+    prompt = BUILDERS[name]("x").build(TURNS[:n], system=system)
+    ids, labels = encode_prompt(prompt, tokenizer)
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(labels)
+    # Contiguous runs of supervised tokens, one per answer.
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    eos_sep = " " if name == "llama2-chat" else ""
+    assert [tokenizer.decode(run) for run in runs] == [f"{a}{eos_sep}</s>" for _, a in TURNS[:n]]
+    assert all(run[-1] == tokenizer.eos_token_id for run in runs)
