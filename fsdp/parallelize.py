@@ -49,10 +49,12 @@ def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, me
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     # Sum (not average) gradients across ranks: the trainer divides the loss by the global supervised-token count,
-    # which makes the gradient exact whatever the world size.
+    # which makes the gradient exact whatever the world size. Forcing a plain SUM also avoids NCCL's PREMUL_SUM,
+    # which gloo lacks.
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     log.info("FSDP2 sharding=%s over mesh %s: %d %s blocks + root; mixed precision %s; activation checkpointing %s",
              fsdp_cfg.sharding, tuple(mesh.shape), len(blocks), layer_cls.__name__, fsdp_cfg.mixed_precision,
              "on" if fsdp_cfg.activation_checkpointing else "off")

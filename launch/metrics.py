@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -77,9 +78,7 @@ def _wandb_id(run_dir: Path) -> str:
     """A stable run id per output directory, so a resumed run continues the same wandb run."""
     id_file = run_dir / ".wandb_id"
     if not id_file.exists():
-        import wandb.util
-
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(secrets.token_hex(8))
     return id_file.read_text().strip()
 
 

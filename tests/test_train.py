@@ -1,0 +1,115 @@
+"""The launcher end to end on CPU: real 1- and 2-process gloo runs of the tiny recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, TINY, load_final, read_metrics, run_cli
+
+FP32 = ["--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32"]
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_one_process_and_two_processes_with_accumulation_agree(tmp_path):
+    common = [*TINY, *FP32, "--train.global_batch_size", "8", "--train.max_steps", "6", "--train.lr", "1e-3"]
+    ok(run_cli([*common, "--train.micro_batch_size", "8", "--run.output_dir", str(tmp_path / "one")], nproc=1))
+    ok(run_cli([*common, "--train.micro_batch_size", "2", "--run.output_dir", str(tmp_path / "two")], nproc=2))
+    one, _ = read_metrics(tmp_path / "one")
+    two, _ = read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    w1, w2 = load_final(tmp_path / "one"), load_final(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=1e-5, msg=name)
+    assert one[0]["loss"] > one[-1]["loss"]
+
+
+def test_last_layer_recipe_leaves_frozen_weights_bit_identical(tmp_path, tiny_dir):
+    ok(run_cli(["--config", "recipes/tiny-last-layer.yaml", "--train.max_steps", "4", "--train.eval_every", "0",
+                "--run.output_dir", str(tmp_path / "run")], nproc=2))
+    before = load_file(tiny_dir / "model.safetensors")
+    after = load_final(tmp_path / "run")
+    last = max(int(k.split(".")[2]) for k in before if k.startswith("model.layers."))
+    trained_prefixes = ("model.embed_tokens.", f"model.layers.{last}.", "lm_head.")
+    frozen = [k for k in before if not k.startswith(trained_prefixes)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    for k in before:
+        if k.startswith(trained_prefixes):
+            rows = before[k].shape[0]
+            assert not torch.equal(before[k], after[k][:rows]), f"{k} did not train"
+
+
+def test_bf16_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path):
+    out = tmp_path / "bf16"
+    ok(subprocess_run(["--fsdp.mixed_precision", "bf16", "--export.dtype", "bf16", "--train.max_steps", "25",
+                       "--run.output_dir", str(out)], 2))
+    steps, evals = read_metrics(out)
+    assert steps[-1]["loss"] < 0.7 * steps[0]["loss"] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert json.loads((out / "inspect.json").read_text())["param_dtypes"] == ["torch.float32"]
+    assert all(t.dtype == torch.bfloat16 for t in load_final(out).values())
+
+
+def test_activation_checkpointing_gives_the_same_losses_in_fp32(tmp_path):
+    common = [*TINY, *FP32, "--train.max_steps", "4"]
+    for flag in ("false", "true"):
+        ok(run_cli([*common, "--fsdp.activation_checkpointing", flag, "--run.output_dir", str(tmp_path / flag)], nproc=2))
+    off, on = read_metrics(tmp_path / "false")[0], read_metrics(tmp_path / "true")[0]
+    assert [r["loss"] for r in off] == pytest.approx([r["loss"] for r in on], abs=1e-6)
+
+
+def test_final_export_loads_with_plain_transformers_and_matches_trained_logits(tmp_path):
+    out = tmp_path / "run"
+    ok(subprocess_run([*FP32, "--train.max_steps", "5", "--run.output_dir", str(out)], 2))
+    inspected = torch.load(out / "inspect_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert tokenizer.pad_token == "<PAD>" and model.config.pad_token_id == tokenizer.pad_token_id
+    assert (out / "final" / "generation_config.json").is_file()
+    batch = {k: v for k, v in inspected["batch"].items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], inspected["logits"][mask], rtol=0, atol=1e-5)
+
+
+def test_plain_python_without_torchrun_runs_the_tiny_recipe(tmp_path):
+    result = ok(run_cli([*TINY, "--train.max_steps", "3", "--run.output_dir", str(tmp_path / "run")], nproc=0))
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert set(steps[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"}
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "final" / "config.json").is_file()
+    assert "attention: PyTorch SDPA" in result.stderr
+
+
+def test_wandb_tracker_works_offline_and_the_hf_token_reaches_no_output(tmp_path):
+    secret = "hf_SECRETtoken1234567890"
+    out = tmp_path / "run"
+    result = ok(run_cli([*TINY, "--train.max_steps", "2", "--run.trackers", "[jsonl,wandb]",
+                         "--run.output_dir", str(out)], nproc=1, env={"HF_TOKEN": secret, "WANDB_MODE": "offline"}))
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr
+
+
+def subprocess_run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "tests" / "scripts" / "train_and_inspect.py"), *TINY, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
