@@ -48,6 +48,11 @@ class LLaMa2LLMBackbone(HFCausalLLMBackbone):
             raise ValueError(f"no prompt builder for backbone '{self.identifier}'; valid ids: {sorted(PROMPT_BUILDERS)}")
         return PROMPT_BUILDERS[self.identifier]
 
+    @staticmethod
+    def prompt_builder_of(identifier: str) -> PromptBuilder:
+        """The prompt builder of a registered id, without loading a model (evaluation and generation scripts)."""
+        return PROMPT_BUILDERS[identifier](identifier)
+
     @property
     def transformer_layer_cls(self) -> type[nn.Module]:
         return LlamaDecoderLayer

@@ -83,5 +83,7 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """step/total, loss, tokens/s and ETA on rank 0; in a log file (Slurm, CI) one line every 30 s, not per step."""
+    interactive = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr)
+                file=sys.stderr, mininterval=0.1 if interactive else 30.0)

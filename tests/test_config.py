@@ -1,0 +1,76 @@
+"""Configuration precedence, validation messages, and refusing bad runs up front (no hang, nothing deleted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, run_cli
+from launch.config import ConfigError, dump_config, parse_config, validate_config
+
+
+def test_precedence_is_defaults_then_recipe_then_cli(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 0.5\n  max_steps: 7\n")
+    config = parse_config(["--config", str(recipe), "--train.lr", "0.25"])
+    assert config.train.lr == 0.25  # CLI beats the recipe
+    assert config.train.max_steps == 7  # recipe beats the default
+    assert config.train.micro_batch_size == 4  # default
+
+
+def test_validation_reports_every_problem_with_value_choices_and_flag():
+    config = parse_config(["--train.stage", "lora", "--fsdp.sharding", "zero9", "--train.global_batch_size", "6",
+                           "--train.micro_batch_size", "4"])
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, world_size=2)
+    message = str(error.value)
+    assert "--train.stage=lora is not valid; choose one of full, last-layer" in message
+    assert "--fsdp.sharding=zero9 is not valid; choose one of full, grad-op, hybrid, none" in message
+    assert "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=4" in message
+
+
+def test_saved_config_round_trips():
+    config = parse_config(["--train.lr", "0.125", "--run.trackers", "[jsonl,wandb]"])
+    assert "lr: 0.125" in dump_config(config) and "wandb" in dump_config(config)
+
+
+REFUSALS = {
+    "unknown_backbone": (["--model.backbone", "llama9-7b"], "--model.backbone=llama9-7b is unknown; valid ids:"),
+    "unknown_stage": (["--train.stage", "lora"], "--train.stage=lora is not valid; choose one of full, last-layer"),
+    "batch_not_divisible": (["--train.global_batch_size", "6", "--train.micro_batch_size", "2"],
+                            "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=2"),
+    "max_length_too_long": (["--data.max_length", "4096"], "--data.max_length=4096 exceeds llama2-tiny-chat's context"),
+    "missing_data_path": (["--data.path", "/nonexistent/train.jsonl"], "--data.path=/nonexistent/train.jsonl: no such file"),
+    "flash_attention_on_cpu": (["--model.attn_implementation", "flash_attention_2"],
+                               "--model.attn_implementation=flash_attention_2 cannot be used"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_bad_run_is_refused_on_all_ranks_before_training(case, tmp_path):
+    args, message = REFUSALS[case]
+    out = tmp_path / "run"
+    result = run_cli([*TINY, "--run.output_dir", str(out), *args], nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert result.stderr.count(message) == 1  # said once, by rank 0
+    assert not out.exists()  # refused before anything was written
+
+
+def test_finished_run_directory_is_refused_and_left_intact(tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_bytes(b"weights")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_cli([*TINY, "--run.output_dir", str(out)], nproc=2, timeout=120)
+    assert result.returncode != 0 and "holds a finished run" in result.stderr and "--run.overwrite" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    result = run_cli([*TINY, "--train.max_steps", "1", "--run.output_dir", str(out), "--run.overwrite", "true"], nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
