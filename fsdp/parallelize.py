@@ -41,7 +41,8 @@ def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, me
     kwargs = dict(
         mesh=mesh,
         mp_policy=build_mp_policy(fsdp_cfg.mixed_precision, half_dtype),
-        offload_policy=CPUOffloadPolicy() if fsdp_cfg.cpu_offload else OffloadPolicy(),
+        # Pinned host memory speeds up host<->GPU copies; it needs an accelerator, and a CPU run has nothing to copy.
+        offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy(),
         # grad-op (ZeRO-2): keep gathered parameters from forward to backward; full (ZeRO-3) frees them.
         reshard_after_forward=fsdp_cfg.sharding not in ("grad-op", "none"),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import ROOT, TINY, run_cli
 from launch.config import ConfigError, dump_config, parse_config, validate_config
 
 
@@ -74,3 +74,11 @@ def test_overwrite_replaces_a_finished_run(tmp_path):
     result = run_cli([*TINY, "--train.max_steps", "1", "--run.output_dir", str(out), "--run.overwrite", "true"], nproc=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_parses_and_validates(recipe, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    config = parse_config(["--config", str(ROOT / "recipes" / recipe), "--data.path", str(data)])
+    validate_config(config, world_size=1 if recipe.startswith("tiny") else 8)

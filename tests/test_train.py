@@ -113,3 +113,13 @@ def subprocess_run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
                str(ROOT / "tests" / "scripts" / "train_and_inspect.py"), *TINY, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variant", [["--fsdp.sharding", "grad-op"], ["--fsdp.sharding", "none"],
+                                     ["--fsdp.cpu_offload", "true"]])
+def test_sharding_variants_match_full_sharding_in_fp32(tmp_path, variant):
+    common = [*TINY, *FP32, "--train.max_steps", "3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2"]
+    ok(run_cli([*common, "--run.output_dir", str(tmp_path / "full")], nproc=2))
+    ok(run_cli([*common, *variant, "--run.output_dir", str(tmp_path / "variant")], nproc=2))
+    full, other = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "variant")[0]
+    assert [r["loss"] for r in full] == pytest.approx([r["loss"] for r in other], abs=1e-5)
