@@ -108,6 +108,14 @@ class HFCausalLLMBackbone(LLMBackbone):
     def extend_tokenizer(self) -> None:
         """Add family-specific special tokens; the embeddings are resized to match."""
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute buffers that no state dict carries (rotary `inv_freq`) after materialising from `meta`:
+        `to_empty` leaves them as uninitialised memory."""
+        for module in self.llm.modules():
+            if module._non_persistent_buffers_set:
+                self.llm._init_weights(module)
+
     def _load(self, loader: Callable, **kwargs):
         try:
             return loader(self.hf_hub_path, **kwargs)

@@ -6,7 +6,7 @@
     srun torchrun --nnodes $N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 -m launch.train ...
 
 Precedence: dataclass defaults < recipe YAML < CLI flags. Reads top to bottom like the recipe:
-parse -> build backbone -> build data -> init distributed -> shard + load -> fit -> export.
+parse -> build backbone -> build data -> pick checkpoint -> init distributed -> shard + load -> fit -> export.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import yaml
 from backbones import HFCausalLLMBackbone, build_backbone
 from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, read_env, teardown
 from fsdp.export import export_hf, model_tensor_sources
-from fsdp.materialize import load_from_rank0
+from fsdp.checkpoint import Checkpointer
+from fsdp.materialize import load_from_rank0, materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, dump_config, parse_config, validate_config
 from launch.data import TokenizedData, build_tokenized
 from launch.data_sources import DataError
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import decay_parameter_names
+from launch.resume import ResumeError, checkpoint_identity, select_checkpoint
 from launch.rundir import RunDirError, check_run_dir, prepare_run_dir
 from launch.stage import apply_stage
 from launch.trainer import Trainer
@@ -48,9 +50,10 @@ class Prepared:
     train_data: TokenizedData
     eval_data: TokenizedData | None
     attn: str
+    resume_from: Path | None
 
 
-BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, OSError)
+BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, ResumeError, OSError)
 
 
 def prepare(argv: list[str], env: DistEnv) -> Prepared:
@@ -67,7 +70,9 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
     train_data = build_tokenized(config.data, backbone, "train")
     eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
-    return Prepared(config, backbone, train_data, eval_data, attn)
+    # resume: the newest complete checkpoint of this run (auto), a given one, or none; refused if it is another
+    # backbone's or stage's
+    return Prepared(config, backbone, train_data, eval_data, attn, select_checkpoint(config))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,18 +117,37 @@ def fit_and_export(prepared: Prepared, env: DistEnv) -> Trainer:
     mesh = build_mesh(env, config.fsdp.sharding)
     model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, config.fsdp, mesh,
                               backbone.half_precision_dtype)
-    # materialise + load: rank 0 reads the weights, every rank receives its shards by broadcast
-    full = build_model(config, prepared.attn, load_weights=True).llm if env.is_rank0 else None
-    load_from_rank0(model, full, env.device)
-    del full
+    # materialise: allocate this rank's shards; recompute buffers no state dict carries (rotary inv_freq)
+    materialize(model, env.device)
+    backbone.init_non_persistent_buffers()
     metrics = MetricsWriter(run_dir, config.run.trackers, config_dict(config), env.is_rank0, config.run.wandb_project)
     trainer = Trainer(config, env, model, decay_names, prepared.train_data, prepared.eval_data, backbone.tokenizer.pad_token_id,
                       metrics, flops_per_token=6.0 * sum(p.numel() for p in model.parameters()))
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.async_save)
+    if prepared.resume_from is not None:
+        # load: model, optimizer and trainer state from the checkpoint (DCP reshards to this world size)
+        trainer.load_state_dict(checkpointer.load(prepared.resume_from, model, trainer.optimizer))
+        metrics.truncate_after(trainer.step)
+    else:
+        # load: rank 0 reads the pretrained weights, every rank receives its shards by broadcast
+        full = build_model(config, prepared.attn, load_weights=True).llm if env.is_rank0 else None
+        load_from_rank0(model, full)
+        del full
+    identity = checkpoint_identity(config, env.world_size)
+    hf_extras = hf_extras_writer(config, backbone)
+
+    def on_step_end(t: Trainer) -> bool:
+        every = config.checkpoint.every_steps
+        if every and (t.step % every == 0 or t.step == t.total_steps):
+            checkpointer.save(t.step, model, t.optimizer, t.state_dict(), identity,
+                              extras_writer=hf_extras if env.is_rank0 else None)
+        return False
     log.info("training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
              trainer.total_steps, config.train.global_batch_size, env.world_size, config.train.micro_batch_size,
              config.train.global_batch_size // (env.world_size * config.train.micro_batch_size))
     try:
-        trainer.fit()
+        trainer.fit(on_step_end)
+        checkpointer.finish()
     finally:
         metrics.close()
     export_final(config, backbone, model, run_dir / "final", env.is_rank0)
@@ -135,8 +159,9 @@ def config_dict(config: Config) -> dict:
     return yaml.safe_load(dump_config(config))
 
 
-def export_final(config: Config, backbone, model, out_dir: Path, is_rank0: bool) -> None:
-    """final/: a Hugging Face directory in `export.dtype` that plain transformers loads."""
+def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
+    """Writes everything of a Hugging Face directory but the weights: config (in export.dtype, cache on),
+    generation config and tokenizer (with its pad token)."""
     hf_config = copy.deepcopy(backbone.llm.config)
     hf_config.use_cache = True
     hf_config.dtype = "bfloat16" if config.export.dtype == "bf16" else "float32"
@@ -148,8 +173,13 @@ def export_final(config: Config, backbone, model, out_dir: Path, is_rank0: bool)
         generation_config.save_pretrained(directory)
         backbone.tokenizer.save_pretrained(directory)
 
+    return save_extras
+
+
+def export_final(config: Config, backbone, model, out_dir: Path, is_rank0: bool) -> None:
+    """final/: a Hugging Face directory in `export.dtype` that plain transformers loads."""
     export_hf(model_tensor_sources(model), out_dir, config.export.dtype, config.export.max_shard_size_mb,
-              write=is_rank0, save_extras=save_extras)
+              write=is_rank0, save_extras=hf_extras_writer(config, backbone))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ class Trainer:
             name = torch.cuda.get_device_name(self.env.device)
             self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
+    def state_dict(self) -> dict:
+        """Everything besides model and optimizer that a resume needs; identical on every rank."""
+        epoch, offset = self.sampler.position(self.step)
+        return {"step": self.step, "epoch": epoch, "offset": offset, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def batch(self, data: TokenizedData, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collate([data.dataset[i] for i in indices], self.pad_id, data.packed)
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}

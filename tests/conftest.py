@@ -59,3 +59,30 @@ def load_final(run_dir: Path) -> dict:
 
 
 TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "0"]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (torchrun starts its workers in sessions of their own, so killpg misses them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Send `sig` to `pid` and all its descendants at once (SIGKILL: nothing gets to clean up)."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
