@@ -38,7 +38,7 @@ test-slurm: install  ## the real-Slurm preemption test alone (root + apt needed)
 bench: bench-load
 
 bench-load: install  ## rank-0 load + broadcast vs every-rank-loads, save and export times (>= 300M params)
-	$(BIN)/python -m launch.bench_load
+	$(BIN)/python tests/bench/bench_load.py --nproc $(NPROC)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

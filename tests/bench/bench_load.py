@@ -1,0 +1,170 @@
+"""`make bench-load`: loading a 374M-parameter LLaMA into FSDP2 on CPU processes, two ways, side by side.
+
+  naive      every rank `from_pretrained`s the whole model, then shards it (what OOMs hosts at 70B, OpenVLA #208)
+  broadcast  shardtune: every rank builds on `meta` and shards; rank 0 alone reads the weights and broadcasts;
+             each rank keeps only its shard
+
+Per rank: peak resident memory (VmHWM) and its growth over the process's size before loading, as multiples of the
+fp32 model size. The broadcast pass also times a sharded DCP save (model + optimizer), the streaming HF export, and
+a rank-0 full-state-dict gather + save for comparison. Not a test: numbers depend on the machine.
+
+    python tests/bench/bench_load.py [--nproc 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def build_bench_model(directory: Path) -> Path:
+    """A LLaMA-2-shaped model with ~374M parameters and the tiny tokenizer, saved as an HF directory (once)."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backbones.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".bench-"))
+    LlamaForCausalLM(LlamaConfig(**BENCH_CONFIG)).save_pretrained(tmp)
+    build_tiny_tokenizer().save_pretrained(tmp)
+    os.rename(tmp, directory)
+    return directory
+
+
+def worker(mode: str, model_dir: str, out_json: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from backbones import build_backbone
+    from fsdp import apply_parallelism, build_mesh, init_distributed, read_env, teardown
+    from fsdp.checkpoint import Checkpointer
+    from fsdp.export import export_hf, model_tensor_sources
+    from fsdp.materialize import load_from_rank0, materialize
+    from launch.config import FSDPConfig
+
+    env = read_env()
+    init_distributed(env)
+    fsdp_cfg, result = FSDPConfig(mixed_precision="fp32"), {"rank": env.rank, "mode": mode}
+    dist.barrier()
+    result["rss_before_mb"] = rss_mb("VmRSS")
+    start = time.perf_counter()
+    if mode == "naive":
+        backbone = build_backbone("llama2-tiny-chat", path=model_dir)
+        model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, fsdp_cfg, build_mesh(env, "full"),
+                                  torch.bfloat16)
+    else:
+        full = build_backbone("llama2-tiny-chat", path=model_dir).llm if env.is_rank0 else None
+        backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
+        model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, fsdp_cfg, build_mesh(env, "full"),
+                                  torch.bfloat16)
+        materialize(model, env.device)
+        backbone.init_non_persistent_buffers()
+        load_from_rank0(model, full)
+        del full
+    dist.barrier()
+    result.update(load_s=time.perf_counter() - start, peak_mb=rss_mb("VmHWM"), rss_after_mb=rss_mb("VmRSS"),
+                  params=sum(p.numel() for p in model.parameters()))
+    if mode == "broadcast":
+        scratch = Path(tempfile.mkdtemp(dir=Path(model_dir).parent)) if env.is_rank0 else None
+        scratch = Path(broadcast(scratch))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        start = time.perf_counter()
+        Checkpointer(scratch / "ckpt", keep_last=1, async_save=False).save(
+            1, model, optimizer, {"step": 1}, {"backbone": "bench"})
+        result["dcp_save_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        export_hf(model_tensor_sources(model), scratch / "export", "bf16", 5000, write=env.is_rank0,
+                  save_extras=lambda d: backbone.llm.config.save_pretrained(d))
+        result["streaming_export_s"] = time.perf_counter() - start
+        dist.barrier()
+        rss = rss_mb("VmRSS")
+        start = time.perf_counter()
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_rank0:
+            save_file({k: v.to(torch.bfloat16) for k, v in full_state.items()}, scratch / "gathered.safetensors")
+        dist.barrier()
+        result["rank0_gather_save_s"] = time.perf_counter() - start
+        result["gather_rss_growth_mb"] = rss_mb("VmRSS") - rss
+        del full_state
+        dist.barrier()
+        if env.is_rank0:
+            shutil.rmtree(scratch)
+    Path(f"{out_json}.rank{env.rank}").write_text(json.dumps(result))
+    teardown()
+
+
+def broadcast(value):
+    import torch.distributed as dist
+
+    box = [str(value) if value is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--worker", choices=["naive", "broadcast"])
+    parser.add_argument("--model-dir")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.model_dir, args.out)
+        return 0
+    from backbones.tiny import cache_root
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = build_bench_model(root / "bench-llama-374m")
+    fp32_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    results = {}
+    for mode in ("naive", "broadcast"):
+        out = Path(tempfile.mkdtemp()) / "result"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   __file__, "--worker", mode, "--model-dir", str(model_dir), "--out", str(out)]
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       stdout=subprocess.DEVNULL)
+        results[mode] = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.nproc)]
+    print(f"\nmodel: {results['naive'][0]['params'] / 1e6:.0f}M parameters, fp32 size {fp32_mb:.0f} MiB; "
+          f"{args.nproc} CPU processes (gloo)\n")
+    print(f"{'mode':<10} {'rank':>4} {'load s':>7} {'peak MiB':>9} {'peak/fp32':>9} {'growth MiB':>10} {'growth/fp32':>11}")
+    for mode, ranks in results.items():
+        for r in ranks:
+            growth = r["peak_mb"] - r["rss_before_mb"]
+            print(f"{mode:<10} {r['rank']:>4} {r['load_s']:>7.1f} {r['peak_mb']:>9.0f} {r['peak_mb'] / fp32_mb:>9.2f} "
+                  f"{growth:>10.0f} {growth / fp32_mb:>11.2f}")
+    b = results["broadcast"][0]
+    print(f"\nsharded DCP save (model + AdamW state): {b['dcp_save_s']:.1f} s")
+    print(f"streaming HF export (bf16):             {b['streaming_export_s']:.1f} s")
+    print(f"rank-0 full-state gather + save (bf16): {b['rank0_gather_save_s']:.1f} s, rank-0 RSS growth "
+          f"{b['gather_rss_growth_mb']:.0f} MiB ({b['gather_rss_growth_mb'] / fp32_mb:.2f} x fp32)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
