@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-RUN_ARTIFACTS = ("final", "checkpoints", "metrics.jsonl", "config.yaml", ".wandb_id")
+RUN_ARTIFACTS = ("final", "checkpoints", "metrics.jsonl", "config.yaml", ".wandb_id", "preempted")
 
 
 class RunDirError(ValueError):
@@ -35,4 +35,5 @@ def prepare_run_dir(output_dir: str, overwrite: bool, config_yaml: str) -> Path:
             elif path.exists():
                 path.unlink()
     (run_dir / "config.yaml").write_text(config_yaml)
+    (run_dir / "preempted").unlink(missing_ok=True)  # this start is the continuation the marker asked for
     return run_dir

@@ -32,6 +32,7 @@ from launch.data import TokenizedData, build_tokenized
 from launch.data_sources import DataError
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import decay_parameter_names
+from launch.preemption import EXIT_PREEMPTED, PreemptionHandler, write_marker
 from launch.resume import ResumeError, checkpoint_identity, select_checkpoint
 from launch.rundir import RunDirError, check_run_dir, prepare_run_dir
 from launch.stage import apply_stage
@@ -78,6 +79,8 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
 def main(argv: list[str] | None = None) -> int:
     env = read_env()
     setup_logging(env.is_rank0)
+    # From here on SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary instead of killing the process.
+    preemption = PreemptionHandler()
     try:
         prepared = prepare(sys.argv[1:] if argv is None else argv, env)
     except BAD_INPUT as error:
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     init_distributed(env)
     try:
-        fit_and_export(prepared, env)
+        fit_and_export(prepared, env, preemption)
+    except Preempted:
+        return EXIT_PREEMPTED
     finally:
         teardown()
     return 0
@@ -102,7 +107,7 @@ def has_eval(config: Config) -> bool:
     return config.data.eval_path is not None or config.data.path == "bundled"
 
 
-def fit_and_export(prepared: Prepared, env: DistEnv) -> Trainer:
+def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandler | None = None) -> Trainer:
     """Shard, load, train and export; returns the trainer (its sharded model stays usable)."""
     config, backbone = prepared.config, prepared.backbone
     run_dir = Path(config.run.output_dir)
@@ -136,11 +141,24 @@ def fit_and_export(prepared: Prepared, env: DistEnv) -> Trainer:
     identity = checkpoint_identity(config, env.world_size)
     hf_extras = hf_extras_writer(config, backbone)
 
+    preemption = preemption or PreemptionHandler()
+
+    def save(t: Trainer) -> None:
+        checkpointer.save(t.step, model, t.optimizer, t.state_dict(), identity,
+                          extras_writer=hf_extras if env.is_rank0 else None)
+
     def on_step_end(t: Trainer) -> bool:
         every = config.checkpoint.every_steps
-        if every and (t.step % every == 0 or t.step == t.total_steps):
-            checkpointer.save(t.step, model, t.optimizer, t.state_dict(), identity,
-                              extras_writer=hf_extras if env.is_rank0 else None)
+        saved = bool(every) and (t.step % every == 0 or t.step == t.total_steps)
+        if saved:
+            save(t)
+        if t.step < t.total_steps and preemption.agreed(env.device):
+            if not saved:
+                save(t)
+            checkpointer.finish()
+            if env.is_rank0:
+                write_marker(run_dir, t.step, preemption.received)
+            return True
         return False
     log.info("training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
              trainer.total_steps, config.train.global_batch_size, env.world_size, config.train.micro_batch_size,
@@ -150,9 +168,15 @@ def fit_and_export(prepared: Prepared, env: DistEnv) -> Trainer:
         checkpointer.finish()
     finally:
         metrics.close()
+    if trainer.step < trainer.total_steps:
+        raise Preempted(trainer.step)
     export_final(config, backbone, model, run_dir / "final", env.is_rank0)
     log.info("done: %s", run_dir / "final")
     return trainer
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary after a checkpoint, on a signal."""
 
 
 def config_dict(config: Config) -> dict:

@@ -139,8 +139,8 @@ class Trainer:
         while self.step < self.total_steps:
             record = self.train_step()
             self.metrics.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             last = self.step == self.total_steps
             if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
                 self.log_eval()

@@ -61,6 +61,36 @@ def load_final(run_dir: Path) -> dict:
 TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "0"]
 
 
+# fp32 end to end with a small global batch: the configuration the exactness tests compare runs in.
+FP32_SMALL = [*TINY, "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--train.global_batch_size", "8",
+              "--train.micro_batch_size", "2", "--train.lr", "1e-3"]
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def torchrun_command(args: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "launch.train", *args]
+
+
+def metrics_steps(run_dir) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-process run: 48 steps, checkpoints every 4 (the newest 2 kept)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    ok(run_cli([*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)], nproc=2))
+    return out
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of `pid` (torchrun starts its workers in sessions of their own, so killpg misses them)."""
     children: dict[int, list[int]] = {}

@@ -16,36 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY, kill_tree, load_final, read_metrics, run_cli
-
-FP32 = [*TINY, "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--train.global_batch_size", "8",
-        "--train.micro_batch_size", "2", "--train.lr", "1e-3"]
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def torchrun_command(args: list[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "launch.train", *args]
-
-
-def metrics_steps(run_dir) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 2-process run: 48 steps, checkpoints every 4 (the newest 2 kept)."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    ok(run_cli([*FP32, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)], nproc=2))
-    return out
-
+from conftest import FP32_SMALL as FP32
+from conftest import ROOT, kill_tree, load_final, metrics_steps, ok, read_metrics, run_cli, torchrun_command
 
 def test_sigkilled_run_resumes_bit_exactly(reference_run, tmp_path):
     out = tmp_path / "run"

@@ -12,14 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TINY, load_final, read_metrics, run_cli
+from conftest import ROOT, TINY, load_final, ok, read_metrics, run_cli
 
 FP32 = ["--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32"]
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def test_one_process_and_two_processes_with_accumulation_agree(tmp_path):

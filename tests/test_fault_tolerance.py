@@ -1,0 +1,96 @@
+"""Elastic restarts, two torchrun "nodes" on one machine, and hybrid sharding (CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FP32_SMALL, ROOT, descendants, load_final, metrics_steps, ok, read_metrics, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_elastic_restart_after_a_killed_worker_completes_with_identical_weights(reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", "2", "--monitor-interval", "0.5", "-m", "launch.train", *args]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads a pipe while the job runs
+    job = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 6):
+        time.sleep(0.01)
+    workers = [pid for pid in descendants(job.pid) if "launch.train" in open(f"/proc/{pid}/cmdline").read()]
+    assert workers, "no worker found to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    job.wait(timeout=300)
+    output = log.read_text()
+    assert job.returncode == 0, output[-4000:]
+    assert "resuming from" in output  # the restarted workers continued from the newest checkpoint
+    assert metrics_steps(out) == list(range(1, 49))
+    expected, got = load_final(reference_run), load_final(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def run_nodes(args: list[str], nnodes: int, nproc: int, logs: Path, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`nnodes` torchrun agents on this machine meeting in one c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = []
+    for node in range(nnodes):
+        log = (logs / f"node{node}.log").open("w")  # files, not pipes: both agents run while we wait on one
+        agents.append((subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "shardtune-test",
+             "-m", "launch.train", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    results = []
+    for agent, log in agents:
+        agent.wait(timeout=timeout)
+        log.close()
+        results.append(subprocess.CompletedProcess(agent.args, agent.returncode, "", Path(log.name).read_text()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_node_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-node") / "run"
+    ok(run_cli([*FP32_SMALL, "--train.max_steps", "6", "--run.output_dir", str(out)], nproc=2))
+    return out
+
+
+def test_two_torchrun_nodes_train_like_one_node(one_node_run, tmp_path):
+    out = tmp_path / "run"
+    for result in run_nodes([*FP32_SMALL, "--train.max_steps", "6", "--run.output_dir", str(out)], 2, 1, tmp_path):
+        ok(result)
+    one, two = read_metrics(one_node_run)[0], read_metrics(out)[0]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-6)
+    expected, got = load_final(one_node_run), load_final(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_path):
+    out = tmp_path / "run"
+    results = run_nodes([*FP32_SMALL, "--train.max_steps", "6", "--fsdp.sharding", "hybrid",
+                         "--run.output_dir", str(out)], 2, 2, tmp_path)
+    for result in results:
+        ok(result)
+    assert any("mesh (2, 2)" in r.stderr for r in results)  # replicate across 2 nodes x shard within 2 processes
+    full, hybrid = read_metrics(one_node_run)[0], read_metrics(out)[0]
+    assert [r["loss"] for r in hybrid] == pytest.approx([r["loss"] for r in full], abs=1e-5)
+    expected, got = load_final(one_node_run), load_final(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
