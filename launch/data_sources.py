@@ -29,6 +29,8 @@ def resolve_path(data: DataConfig, split: str) -> str | None:
 def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
     """Rows as dicts, and a digest of the source's content (the tokenization cache key)."""
     path = Path(source).expanduser()
+    if path.is_dir():  # a dataset directory (as a Hub repo would be downloaded): the same `datasets` path
+        return load_hub_dataset(str(path), hub_split)
     if path.suffix in (".jsonl", ".json", ".parquet") or looks_local(source):
         if not path.is_file():
             raise DataError(f"{source}: no such file (--data.path / --data.eval_path)")
@@ -61,10 +63,19 @@ def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
                 raise DataError(f"{source}:{lineno}: expected a JSON object, found {type(row).__name__}")
             rows.append(row)
         return rows, digest
-    import datasets  # a Hub dataset id (or a local dataset script directory)
+    return load_hub_dataset(source, hub_split)
 
-    dataset = datasets.load_dataset(source, split=hub_split)
-    return dataset.to_list(), f"{source}:{hub_split}:{dataset._fingerprint}"
+
+def load_hub_dataset(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    """A Hub dataset id or a local dataset directory, through `datasets.load_dataset`."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise DataError(f"{source}: could not load split '{split}' ({error}); check --data.path / --data.split "
+                        "(offline, give a local file or dataset directory)") from None
+    return dataset.to_list(), f"{source}:{split}:{dataset._fingerprint}"
 
 
 def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, where: str) -> Prompt:

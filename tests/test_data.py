@@ -139,3 +139,13 @@ def test_bad_data_fails_with_file_line_and_expectation(tiny_backbone, tmp_path, 
 def test_missing_data_file_names_the_path_and_flag(tiny_backbone, tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file \(--data\.path"):
         build_tokenized(DataConfig(path=str(tmp_path / "nope.jsonl")), tiny_backbone, "train")
+
+
+def test_dataset_directory_loads_through_the_hub_dataset_path(tiny_backbone, tmp_path):
+    directory = tmp_path / "my-dataset"
+    directory.mkdir()
+    write_jsonl(directory / "train.jsonl", [chat(("What is 1 plus 1?", "2"))] * 4)
+    data = build_tokenized(DataConfig(path=str(directory), format="chat", split="train"), tiny_backbone, "train")
+    assert len(data.dataset) == 4
+    with pytest.raises(DataError, match="could not load split 'validation'"):
+        build_tokenized(DataConfig(path=str(directory), format="chat", split="validation"), tiny_backbone, "train")
