@@ -12,10 +12,11 @@ parse -> build backbone -> build data -> pick checkpoint -> init distributed -> 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
-from dataclasses import dataclass
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ import yaml
 
 from backbones import HFCausalLLMBackbone, build_backbone
 from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, read_env, teardown
-from fsdp.export import export_hf, model_tensor_sources
 from fsdp.checkpoint import Checkpointer
+from fsdp.export import export_hf, model_tensor_sources
 from fsdp.materialize import load_from_rank0, materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, dump_config, parse_config, validate_config
@@ -32,10 +33,11 @@ from launch.data import TokenizedData, build_tokenized
 from launch.data_sources import DataError
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import decay_parameter_names
-from launch.preemption import EXIT_PREEMPTED, PreemptionHandler, write_marker
+from launch.preemption import EXIT_PREEMPTED, PreemptionHandler
 from launch.resume import ResumeError, checkpoint_identity, select_checkpoint
 from launch.rundir import RunDirError, check_run_dir, prepare_run_dir
 from launch.stage import apply_stage
+from launch.step_end import StepEnd
 from launch.trainer import Trainer
 
 log = logging.getLogger("launch.train")
@@ -88,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     init_distributed(env)
+    status = 0
     try:
         fit_and_export(prepared, env, preemption)
     except Preempted:
-        return EXIT_PREEMPTED
+        status = EXIT_PREEMPTED
     finally:
+        # Free the sharded model (and with it every reference to the process groups) before destroying them:
+        # c10d/gloo objects left for interpreter shutdown to destroy can abort the process after a clean run.
+        prepared = None
+        gc.collect()
         teardown()
-    return 0
+    return status
 
 
 def build_model(config: Config, attn: str, load_weights: bool):
@@ -138,33 +145,13 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         full = build_model(config, prepared.attn, load_weights=True).llm if env.is_rank0 else None
         load_from_rank0(model, full)
         del full
-    identity = checkpoint_identity(config, env.world_size)
-    hf_extras = hf_extras_writer(config, backbone)
-
-    preemption = preemption or PreemptionHandler()
-
-    def save(t: Trainer) -> None:
-        checkpointer.save(t.step, model, t.optimizer, t.state_dict(), identity,
-                          extras_writer=hf_extras if env.is_rank0 else None)
-
-    def on_step_end(t: Trainer) -> bool:
-        every = config.checkpoint.every_steps
-        saved = bool(every) and (t.step % every == 0 or t.step == t.total_steps)
-        if saved:
-            save(t)
-        if t.step < t.total_steps and preemption.agreed(env.device):
-            if not saved:
-                save(t)
-            checkpointer.finish()
-            if env.is_rank0:
-                write_marker(run_dir, t.step, preemption.received)
-            return True
-        return False
+    step_end = StepEnd(config.checkpoint, checkpointer, preemption or PreemptionHandler(), env, run_dir,
+                       checkpoint_identity(config, env.world_size), hf_extras_writer(config, backbone))
     log.info("training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
              trainer.total_steps, config.train.global_batch_size, env.world_size, config.train.micro_batch_size,
              config.train.global_batch_size // (env.world_size * config.train.micro_batch_size))
     try:
-        trainer.fit(on_step_end)
+        trainer.fit(step_end)
         checkpointer.finish()
     finally:
         metrics.close()

@@ -3,6 +3,7 @@ weights by broadcast; rank 0 then checks the gathered model against plain from_p
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -17,6 +18,7 @@ from launch.config import FSDPConfig
 def main() -> None:
     env = read_env()
     init_distributed(env)
+    reference = backbone = model = None
     try:
         torch.manual_seed(0)
         reference = build_backbone("llama2-tiny-chat").llm if env.is_rank0 else None
@@ -43,6 +45,8 @@ def main() -> None:
             for name, buffer in fresh.named_buffers():
                 assert torch.equal(buffers[name], buffer), name
     finally:
+        reference = backbone = model = None  # release the sharded model before its process groups
+        gc.collect()
         teardown()
     sys.exit(0)
 

@@ -3,6 +3,7 @@ tests cannot see from outside: the dtypes of the sharded master weights and the 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ def main() -> None:
     setup_logging(env.is_rank0)
     prepared = prepare(sys.argv[1:], env)
     init_distributed(env)
+    trainer = model = None
     try:
         trainer = fit_and_export(prepared, env)
         model = trainer.model.eval()
@@ -32,6 +34,8 @@ def main() -> None:
             dtypes = sorted({str(p.dtype) for p in model.parameters()} | {str(p.to_local().dtype) for p in model.parameters()})
             (out / "inspect.json").write_text(json.dumps({"param_dtypes": dtypes}))
     finally:
+        prepared = trainer = model = None  # release the sharded model before its process groups (see launch.train)
+        gc.collect()
         teardown()
 
 
