@@ -61,7 +61,13 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    # After an elastic restart the store still holds the dead generation's gloo/NCCL addresses under the same keys;
+    # reading them, new workers connect to ports nobody listens on and fail or hang. One namespace per attempt.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(env.backend, store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
+                            rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=env.device if env.device.type == "cuda" else None)
 
 
