@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,15 @@ def kill_tree(pid: int, sig: int) -> None:
             os.kill(target, sig)
         except ProcessLookupError:
             pass
+
+
+def interrupt_with_sigterm(args: list[str], out: Path, min_step: int, log: Path) -> int:
+    """Run `python -m launch.train ARGS` (one process) and SIGTERM it once `min_step` steps are logged; returns its
+    exit status (75 when it saved a checkpoint and stopped)."""
+    job = subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(metrics_steps(out) or [0]) < min_step and job.poll() is None:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    return job.wait(timeout=120)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import FP32_SMALL as FP32
-from conftest import ROOT, kill_tree, load_final, metrics_steps, ok, read_metrics, run_cli, torchrun_command
+from conftest import ROOT, interrupt_with_sigterm, kill_tree, load_final, metrics_steps, ok, read_metrics, run_cli, torchrun_command
 
 def test_sigkilled_run_resumes_bit_exactly(reference_run, tmp_path):
     out = tmp_path / "run"
@@ -56,9 +56,11 @@ def test_resume_with_another_world_size_continues_the_same_batches(reference_run
     for record in resumed:
         assert record["tokens"] == reference[record["step"]]["tokens"]  # the same global batches
         assert record["loss"] == pytest.approx(reference[record["step"]]["loss"], abs=1e-5)
+    # 40 Adam steps after a world-size change: gradients summed in another order differ in the last bits, and
+    # Adam's 1/sqrt(v) amplifies that where v is tiny (seen: 3 of 122880 elements off by 3e-5).
     expected, got = load_final(reference_run), load_final(out)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4)
 
 
 def test_partial_or_unreadable_checkpoints_are_never_picked(reference_run, tmp_path):
@@ -131,3 +133,24 @@ def test_async_checkpoints_are_complete_and_change_nothing_else(reference_run, t
     assert meta["step"] == 48 and meta["world_size"] == 2 and meta["backbone"] == "llama2-tiny-chat"
     expected, got = load_final(reference_run), load_final(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = [*FP32, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)]
+    log = tmp_path / "one-process.log"
+    assert interrupt_with_sigterm(args, out, 8, log) == 75, log.read_text()[-3000:]
+    stopped_at = json.loads((out / "preempted").read_text())["step"]
+    result = ok(run_cli(args, nproc=2))
+    assert "saved by 1 ranks" in result.stderr
+    assert metrics_steps(out) == list(range(1, 49))
+    reference = {r["step"]: r for r in read_metrics(reference_run)[0]}
+    for record in read_metrics(out)[0]:
+        assert record["tokens"] == reference[record["step"]]["tokens"]  # the same global batches throughout
+        if record["step"] > stopped_at:
+            assert record["loss"] == pytest.approx(reference[record["step"]]["loss"], abs=1e-5)
+    # 40 Adam steps after a world-size change: gradients summed in another order differ in the last bits, and
+    # Adam's 1/sqrt(v) amplifies that where v is tiny (seen: 3 of 122880 elements off by 3e-5).
+    expected, got = load_final(reference_run), load_final(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-4)

@@ -1,7 +1,8 @@
-"""Elastic restarts, two torchrun "nodes" on one machine, and hybrid sharding (CPU, gloo)."""
+"""Preemption by SIGTERM, elastic restarts, two torchrun "nodes" on one machine, and hybrid sharding (CPU, gloo)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FP32_SMALL, ROOT, descendants, load_final, metrics_steps, ok, read_metrics, run_cli
+from conftest import (FP32_SMALL, ROOT, descendants, interrupt_with_sigterm, load_final, metrics_steps, ok, read_metrics,
+                      run_cli)
 
 
 def free_port() -> int:
@@ -94,3 +96,18 @@ def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_pa
     expected, got = load_final(one_node_run), load_final(out)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes(reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)]
+    log = tmp_path / "train.log"
+    assert interrupt_with_sigterm(args, out, 6, log) == 75, log.read_text()[-3000:]  # EXIT_PREEMPTED
+    marker = json.loads((out / "preempted").read_text())
+    assert marker["signal"] == "SIGTERM" and 6 <= marker["step"] < 48
+    assert (out / "checkpoints" / f"step-{marker['step']:06d}" / "shardtune.json").is_file()
+    assert not (out / "final").exists()
+    ok(run_cli(args, nproc=0))
+    assert not (out / "preempted").exists() and metrics_steps(out) == list(range(1, 49))
+    assert [r["loss"] for r in read_metrics(out)[0]] == pytest.approx(
+        [r["loss"] for r in read_metrics(reference_run)[0]], abs=1e-5)
