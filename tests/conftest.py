@@ -130,3 +130,17 @@ def interrupt_with_sigterm(args: list[str], out: Path, min_step: int, log: Path)
         time.sleep(0.01)
     job.send_signal(signal.SIGTERM)
     return job.wait(timeout=120)
+
+
+def assert_runs_match(reference: Path, other: Path, atol: float) -> None:
+    """Two runs of the same recipe: the same per-step losses and the same final weights, within `atol`."""
+    import torch
+
+    expected_steps, got_steps = read_metrics(reference)[0], read_metrics(other)[0]
+    assert [r["step"] for r in got_steps] == [r["step"] for r in expected_steps]
+    for a, b in zip(expected_steps, got_steps):
+        assert abs(a["loss"] - b["loss"]) <= atol, (a["step"], a["loss"], b["loss"])
+    expected, got = load_final(reference), load_final(other)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)

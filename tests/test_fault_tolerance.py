@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_SMALL, ROOT, descendants, interrupt_with_sigterm, load_final, metrics_steps, ok, read_metrics,
+from conftest import (FP32_SMALL, ROOT, assert_runs_match, descendants, interrupt_with_sigterm, load_final, metrics_steps, ok, read_metrics,
                       run_cli)
 
 
@@ -77,11 +77,7 @@ def test_two_torchrun_nodes_train_like_one_node(one_node_run, tmp_path):
     out = tmp_path / "run"
     for result in run_nodes([*FP32_SMALL, "--train.max_steps", "6", "--run.output_dir", str(out)], 2, 1, tmp_path):
         ok(result)
-    one, two = read_metrics(one_node_run)[0], read_metrics(out)[0]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-6)
-    expected, got = load_final(one_node_run), load_final(out)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    assert_runs_match(one_node_run, out, atol=1e-6)
 
 
 def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_path):
@@ -91,11 +87,7 @@ def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_pa
     for result in results:
         ok(result)
     assert any("mesh (2, 2)" in r.stderr for r in results)  # replicate across 2 nodes x shard within 2 processes
-    full, hybrid = read_metrics(one_node_run)[0], read_metrics(out)[0]
-    assert [r["loss"] for r in hybrid] == pytest.approx([r["loss"] for r in full], abs=1e-5)
-    expected, got = load_final(one_node_run), load_final(out)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+    assert_runs_match(one_node_run, out, atol=1e-5)
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes(reference_run, tmp_path):
