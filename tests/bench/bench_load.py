@@ -14,6 +14,7 @@ a rank-0 full-state-dict gather + save for comparison. Not a test: numbers depen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -61,7 +62,7 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from backbones import build_backbone
-    from fsdp import apply_parallelism, build_mesh, init_distributed, read_env, teardown
+    from fsdp import apply_parallelism, broadcast_object, build_mesh, init_distributed, read_env, teardown
     from fsdp.checkpoint import Checkpointer
     from fsdp.export import export_hf, model_tensor_sources
     from fsdp.materialize import load_from_rank0, materialize
@@ -69,6 +70,7 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
 
     env = read_env()
     init_distributed(env)
+    optimizer = None
     fsdp_cfg, result = FSDPConfig(mixed_precision="fp32"), {"rank": env.rank, "mode": mode}
     dist.barrier()
     result["rss_before_mb"] = rss_mb("VmRSS")
@@ -91,7 +93,7 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
                   params=sum(p.numel() for p in model.parameters()))
     if mode == "broadcast":
         scratch = Path(tempfile.mkdtemp(dir=Path(model_dir).parent)) if env.is_rank0 else None
-        scratch = Path(broadcast(scratch))
+        scratch = Path(broadcast_object(str(scratch) if scratch else None))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         start = time.perf_counter()
         Checkpointer(scratch / "ckpt", keep_last=1, async_save=False).save(
@@ -115,15 +117,9 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
         if env.is_rank0:
             shutil.rmtree(scratch)
     Path(f"{out_json}.rank{env.rank}").write_text(json.dumps(result))
+    model = backbone = optimizer = None  # release the sharded model before its process groups (see launch.train)
+    gc.collect()
     teardown()
-
-
-def broadcast(value):
-    import torch.distributed as dist
-
-    box = [str(value) if value is not None else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def main() -> int:
