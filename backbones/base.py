@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,7 +16,21 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch_varlen attention implementation)
 from backbones.prompting import PromptBuilder
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry row: everything shardtune knows about a backbone id before loading anything."""
+
+    cls: type[HFCausalLLMBackbone]
+    hf_hub_path: str
+    prompt_builder: type[PromptBuilder]
+    llm_max_length: int  # the context the model was trained at; --data.max_length may not exceed it
+    config: dict = field(default_factory=dict)  # published config.json shape values (offline meta builds, plans)
+    # Built by shardtune itself (no network): `backbones.tiny.ensure_tiny_model` gives its local directory.
+    local_build: bool = False
 
 
 class LLMBackbone(nn.Module, ABC):
@@ -69,8 +84,7 @@ class HFCausalLLMBackbone(LLMBackbone):
     def __init__(
         self,
         identifier: str,
-        hf_hub_path: str,
-        llm_max_length: int = 2048,
+        spec: BackboneSpec,
         hf_token: str | None = None,
         inference_mode: bool = False,
         attn_implementation: str = "sdpa",
@@ -78,11 +92,12 @@ class HFCausalLLMBackbone(LLMBackbone):
         load_weights: bool = True,
     ) -> None:
         super().__init__(identifier)
-        self.hf_hub_path = local_path or hf_hub_path
-        self.llm_max_length = llm_max_length
+        self.spec = spec
+        self.hf_hub_path = local_path or spec.hf_hub_path
+        self.llm_max_length = spec.llm_max_length
         self.inference_mode = inference_mode
         # The token is used for these calls only and kept nowhere on the object.
-        self.tokenizer = self._load(AutoTokenizer.from_pretrained, model_max_length=llm_max_length,
+        self.tokenizer = self._load(AutoTokenizer.from_pretrained, model_max_length=self.llm_max_length,
                                     padding_side="right", token=hf_token)
         self.extend_tokenizer()
         if load_weights:
@@ -101,6 +116,10 @@ class HFCausalLLMBackbone(LLMBackbone):
         self.llm.config.use_cache = inference_mode
         if not inference_mode:
             self.llm.train()
+
+    @property
+    def prompt_builder_fn(self) -> Callable[[str], PromptBuilder]:
+        return self.spec.prompt_builder
 
     # Tensor-core friendly vocabulary size after new tokens are added (Karpathy: "pad to a multiple of 64").
     pad_vocab_to = 64

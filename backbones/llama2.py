@@ -1,39 +1,17 @@
-"""LLaMA-2 family (pure, chat, Vicuna v1.5, and the offline tiny model): hub paths, prompt formats, and what trains
-in the last-layer recipe."""
+"""LLaMA-2 family (pure, chat, Vicuna v1.5, and the offline tiny model): what trains in the last-layer recipe, and one
+registry row per id (class, Hub path, prompt format, context, published shape)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from backbones.base import HFCausalLLMBackbone
-from backbones.prompting import LLaMa2ChatPromptBuilder, PromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
-
-# id -> Hub path (as in OpenVLA's prismatic/models/backbones/llm/llama2.py); the tiny ones are built locally.
-LLAMA2_MODELS: dict[str, str] = {
-    "llama2-7b-pure": "meta-llama/Llama-2-7b-hf",
-    "llama2-13b-pure": "meta-llama/Llama-2-13b-hf",
-    "llama2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
-    "llama2-13b-chat": "meta-llama/Llama-2-13b-chat-hf",
-    "vicuna-v15-7b": "lmsys/vicuna-7b-v1.5",
-    "vicuna-v15-13b": "lmsys/vicuna-13b-v1.5",
-    "llama2-tiny-pure": "shardtune/llama2-tiny",
-    "llama2-tiny-chat": "shardtune/llama2-tiny",
-}
-
-PROMPT_BUILDERS: dict[str, type[PromptBuilder]] = {
-    "llama2-7b-pure": PurePromptBuilder,
-    "llama2-13b-pure": PurePromptBuilder,
-    "llama2-tiny-pure": PurePromptBuilder,
-    "llama2-7b-chat": LLaMa2ChatPromptBuilder,
-    "llama2-13b-chat": LLaMa2ChatPromptBuilder,
-    "llama2-tiny-chat": LLaMa2ChatPromptBuilder,
-    "vicuna-v15-7b": VicunaV15PromptBuilder,
-    "vicuna-v15-13b": VicunaV15PromptBuilder,
-}
+from backbones.base import BackboneSpec, HFCausalLLMBackbone
+from backbones.prompting import LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
+from backbones.tiny import TINY_CONFIG
 
 
 class LLaMa2LLMBackbone(HFCausalLLMBackbone):
@@ -41,17 +19,6 @@ class LLaMa2LLMBackbone(HFCausalLLMBackbone):
         # LLaMA-2 ships without a pad token; a dedicated one keeps padding distinct from EOS (which is supervised).
         if self.tokenizer.pad_token is None:
             self.tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-
-    @property
-    def prompt_builder_fn(self) -> Callable[[str], PromptBuilder]:
-        if self.identifier not in PROMPT_BUILDERS:
-            raise ValueError(f"no prompt builder for backbone '{self.identifier}'; valid ids: {sorted(PROMPT_BUILDERS)}")
-        return PROMPT_BUILDERS[self.identifier]
-
-    @staticmethod
-    def prompt_builder_of(identifier: str) -> PromptBuilder:
-        """The prompt builder of a registered id, without loading a model (evaluation and generation scripts)."""
-        return PROMPT_BUILDERS[identifier](identifier)
 
     @property
     def transformer_layer_cls(self) -> type[nn.Module]:
@@ -64,3 +31,31 @@ class LLaMa2LLMBackbone(HFCausalLLMBackbone):
     @property
     def last_layer_finetune_modules(self) -> Sequence[nn.Module]:
         return (self.llm.model.embed_tokens, self.llm.model.layers[-1], self.llm.lm_head)
+
+
+# The published config.json values (Hub, 2023): enough to build each model on `meta` and plan it with no network.
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+LLAMA2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+TINY = {**TINY_CONFIG, "vocab_size": 1024}
+
+
+def _row(hub_path: str, builder, shape: dict, context: int = 4096, local: bool = False) -> BackboneSpec:
+    return BackboneSpec(LLaMa2LLMBackbone, hub_path, builder, context, shape, local_build=local)
+
+
+# One row per id (as prismatic's LLAMA2_MODELS): the row is the registration. LLaMA-2 and Vicuna v1.5 were trained at
+# a 4096-token context; the tiny model is built here (backbones.tiny) and needs no Hub path.
+# fmt: off
+LLAMA2_MODELS: dict[str, BackboneSpec] = {
+    "llama2-7b-pure":   _row("meta-llama/Llama-2-7b-hf",       PurePromptBuilder,       LLAMA2_7B),
+    "llama2-13b-pure":  _row("meta-llama/Llama-2-13b-hf",      PurePromptBuilder,       LLAMA2_13B),
+    "llama2-7b-chat":   _row("meta-llama/Llama-2-7b-chat-hf",  LLaMa2ChatPromptBuilder, LLAMA2_7B),
+    "llama2-13b-chat":  _row("meta-llama/Llama-2-13b-chat-hf", LLaMa2ChatPromptBuilder, LLAMA2_13B),
+    "vicuna-v15-7b":    _row("lmsys/vicuna-7b-v1.5",           VicunaV15PromptBuilder,  LLAMA2_7B),
+    "vicuna-v15-13b":   _row("lmsys/vicuna-13b-v1.5",          VicunaV15PromptBuilder,  LLAMA2_13B),
+    "llama2-tiny-pure": _row("shardtune/llama2-tiny",          PurePromptBuilder,       TINY, 2048, local=True),
+    "llama2-tiny-chat": _row("shardtune/llama2-tiny",          LLaMa2ChatPromptBuilder, TINY, 2048, local=True),
+}
+# fmt: on

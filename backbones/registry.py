@@ -1,28 +1,13 @@
-"""Backbone registry: id -> (class, Hub path, context length). Adding a family is one file plus entries here."""
+"""Backbone registry: every family's rows in one table (id -> BackboneSpec). Adding a family is one file whose rows are
+merged here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from backbones.base import BackboneSpec, HFCausalLLMBackbone, read_hf_token
+from backbones.llama2 import LLAMA2_MODELS
+from backbones.prompting import PromptBuilder
 
-from backbones.base import HFCausalLLMBackbone, read_hf_token
-from backbones.llama2 import LLAMA2_MODELS, LLaMa2LLMBackbone
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    cls: type[HFCausalLLMBackbone]
-    hf_hub_path: str
-    llm_max_length: int = 2048
-    # Built by shardtune itself (no network): `backbones.tiny.ensure_tiny_model` gives its local directory.
-    local_build: bool = False
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    **{
-        backbone_id: BackboneSpec(LLaMa2LLMBackbone, path, local_build=backbone_id.startswith("llama2-tiny"))
-        for backbone_id, path in LLAMA2_MODELS.items()
-    },
-}
+BACKBONES: dict[str, BackboneSpec] = {**LLAMA2_MODELS}
 
 
 def get_backbone_spec(backbone_id: str) -> BackboneSpec:
@@ -31,10 +16,14 @@ def get_backbone_spec(backbone_id: str) -> BackboneSpec:
     return BACKBONES[backbone_id]
 
 
+def prompt_builder_of(backbone_id: str) -> PromptBuilder:
+    """The prompt builder of a registered id, without loading a model (evaluation and generation scripts)."""
+    return get_backbone_spec(backbone_id).prompt_builder(backbone_id)
+
+
 def build_backbone(
     backbone_id: str,
     path: str | None = None,
-    llm_max_length: int | None = None,
     hf_token_file: str | None = None,
     attn_implementation: str = "sdpa",
     inference_mode: bool = False,
@@ -48,8 +37,7 @@ def build_backbone(
         path = str(ensure_tiny_model())
     return spec.cls(
         backbone_id,
-        spec.hf_hub_path,
-        llm_max_length=llm_max_length or spec.llm_max_length,
+        spec,
         hf_token=None if path else read_hf_token(hf_token_file),
         inference_mode=inference_mode,
         attn_implementation=attn_implementation,

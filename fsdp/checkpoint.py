@@ -59,19 +59,21 @@ def find_latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This rank's generators: Python, NumPy, torch's CPU one, and its own GPU's only (never every visible GPU's:
+    a node that shows fewer GPUs could not restore them)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @dataclass
@@ -85,8 +87,9 @@ class PendingSave:
 class Checkpointer:
     """Saves and loads (model, optimizer, trainer state) for every rank; keeps the newest `keep_last`."""
 
-    def __init__(self, root: Path, keep_last: int, async_save: bool) -> None:
+    def __init__(self, root: Path, keep_last: int, async_save: bool, device: torch.device) -> None:
         self.root = root
+        self.device = device
         self.keep_last = keep_last
         self.async_save = async_save
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -109,7 +112,7 @@ class Checkpointer:
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        torch.save({"trainer": trainer_state, "rng": capture_rng()}, tmp_dir / f"rank-{self.rank:05d}.pt")
+        torch.save({"trainer": trainer_state, "rng": capture_rng(self.device)}, tmp_dir / f"rank-{self.rank:05d}.pt")
         future = None
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp_dir), process_group=self.group)
@@ -154,7 +157,7 @@ class Checkpointer:
         own = path / f"rank-{self.rank:05d}.pt"
         extra = torch.load(own if own.exists() else path / "rank-00000.pt", weights_only=False)
         if own.exists():
-            restore_rng(extra["rng"])
+            restore_rng(extra["rng"], self.device)
         return extra["trainer"]
 
 

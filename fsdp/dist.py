@@ -53,8 +53,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
-    """Start the process group (a one-process group for plain `python`: FSDP2 still needs a mesh)."""
+def process_group_backend(device: torch.device, cpu_collectives: bool) -> str:
+    """NCCL for CUDA tensors, gloo on CPU. With CPU offload the gradient-norm clip and the export reduce CPU DTensors,
+    which NCCL cannot ("No backend type associated with device type cpu", pytorch#148532): a gloo backend for CPU
+    tensors beside NCCL, as torchtune does."""
+    if device.type == "cuda":
+        return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+    return "gloo"
+
+
+def init_distributed(env: DistEnv, timeout_s: int = 1800, cpu_collectives: bool = False) -> None:
+    """Start the process group (a one-process group for plain `python`: FSDP2 still needs a mesh).
+    `cpu_collectives`: also reduce CPU tensors on a GPU run (CPU offload)."""
     if dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
@@ -66,7 +76,7 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
     # After an elastic restart the store still holds the dead generation's gloo/NCCL addresses under the same keys;
     # reading them, new workers connect to ports nobody listens on and fail or hang. One namespace per attempt.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(env.backend, store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
+    dist.init_process_group(process_group_backend(env.device, cpu_collectives), store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
                             rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=env.device if env.device.type == "cuda" else None)
 

@@ -15,6 +15,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
+# Attribute on the root FSDP module: the accumulation mode chosen by apply_parallelism, read by set_gradient_sync.
+UNSHARDED_ACCUMULATION = "_shardtune_unsharded_grad_accumulation"
 
 
 def build_mp_policy(mixed_precision: str, half_dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -56,16 +58,25 @@ def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, me
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    setattr(model, UNSHARDED_ACCUMULATION, bool(getattr(fsdp_cfg, "unsharded_grad_accumulation", False)))
     log.info("FSDP2 sharding=%s over mesh %s: %d %s blocks + root; mixed precision %s; activation checkpointing %s",
              fsdp_cfg.sharding, tuple(mesh.shape), len(blocks), layer_cls.__name__, fsdp_cfg.mixed_precision,
              "on" if fsdp_cfg.activation_checkpointing else "off")
     return model
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Gradient accumulation: skip the reduce-scatter on all micro-steps but the last."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+def set_gradient_sync(model: nn.Module, last_micro_step: bool) -> None:
+    """Gradient accumulation that keeps gradients sharded. Every micro-step reduce-scatters (FSDP2 adds the result
+    into the sharded gradient), so between micro-steps a rank holds 1/N of the gradients, not the whole model's; with
+    replicas (hybrid, none) only the all-reduce across replicas waits for the last micro-step. With
+    `unsharded_grad_accumulation` the reduce-scatter waits too (less communication, but every rank holds unsharded
+    fp32 gradients of the whole model until the last micro-step)."""
+    if not isinstance(model, FSDPModule):
+        return
+    if getattr(model, UNSHARDED_ACCUMULATION, False):
+        model.set_requires_gradient_sync(last_micro_step)
+    else:
+        model.set_requires_all_reduce(last_micro_step)
 
 
 def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> float:

@@ -15,13 +15,15 @@ from typing import List, Optional
 import draccus
 
 from backbones.registry import BACKBONES
+from launch.attention import IMPLEMENTATIONS
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "llama2-tiny-chat"  # registry id, see backbones/registry.py
     path: Optional[str] = None  # local directory to load instead of the Hub path
-    attn_implementation: str = "auto"  # auto | flash_attention_2 | sdpa | eager
+    # auto (flash-attn, else torch_varlen, else sdpa) | flash_attention_2 | torch_varlen | sdpa | eager
+    attn_implementation: str = "auto"
     hf_token_file: Optional[str] = None  # file holding a Hub token (HF_TOKEN wins); the token is never saved
 
 
@@ -64,6 +66,10 @@ class FSDPConfig:
     mixed_precision: str = "bf16"  # bf16 (fp32 master weights, fp32 reduction) | fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on the CPU
+    # Skip the reduce-scatter on all micro-steps but the last: less communication, but between micro-steps every rank
+    # holds unsharded fp32 gradients of the whole model (+4 bytes per parameter: ~27 GB per GPU for 7B, ~52 GB for
+    # 13B). Off: gradients stay sharded (reduce-scatter every micro-step; hybrid defers only the cross-node all-reduce).
+    unsharded_grad_accumulation: bool = False
 
 
 @dataclass
@@ -131,7 +137,7 @@ def dump_config(config: Config) -> str:
 
 
 CHOICES = {
-    ("model", "attn_implementation"): ("auto", "flash_attention_2", "sdpa", "eager"),
+    ("model", "attn_implementation"): IMPLEMENTATIONS,
     ("data", "format"): ("alpaca", "chat", "text"),
     ("data", "overlong"): ("truncate", "drop"),
     ("train", "stage"): ("full", "last-layer"),

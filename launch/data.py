@@ -17,6 +17,7 @@ import torch
 from backbones.base import LLMBackbone
 from backbones.prompting import Prompt
 from backbones.tiny import cache_root
+from launch.attention import takes_flat_batches
 from launch.config import DataConfig
 from launch.data_sources import DataError, read_rows, render_row, resolve_path
 
@@ -103,8 +104,9 @@ def save_atomically(dataset: datasets.Dataset, target: Path) -> None:
 
 def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bool, overlong: int) -> TokenizedData:
     """Greedy in-order packing into rows of `max_length`; position ids restart per example so that, with no
-    attention mask, transformers keeps attention within each example (and the padding tail is its own segment)."""
-    rows = {"input_ids": [], "labels": [], "position_ids": []}
+    attention mask, transformers keeps attention within each example (and the padding tail is its own segment).
+    `lengths` records each row's examples, so flash kernels can drop the padding tail and take exact boundaries."""
+    rows = {"input_ids": [], "labels": [], "position_ids": [], "lengths": []}
     current = {k: [] for k in rows}
 
     def flush() -> None:
@@ -112,6 +114,7 @@ def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bo
         rows["input_ids"].append(current["input_ids"] + [pad_id] * pad)
         rows["labels"].append(current["labels"] + [IGNORE_INDEX] * pad)
         rows["position_ids"].append(current["position_ids"] + list(range(pad)))
+        rows["lengths"].append(current["lengths"])
         for k in current:
             current[k] = []
 
@@ -121,6 +124,7 @@ def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bo
         current["input_ids"] += ids
         current["labels"] += labels
         current["position_ids"] += list(range(len(ids)))
+        current["lengths"].append(len(ids))
     if current["input_ids"]:
         flush()
     real = sum(len(ids) for ids in dataset["input_ids"])
@@ -130,14 +134,19 @@ def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bo
     return TokenizedData(datasets.Dataset.from_dict(rows).with_format("python"), True, from_cache, overlong, padding)
 
 
-def collate(examples: list[dict], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-padded batch with an attention mask, or packed rows with position ids and no mask."""
-    if packed:
-        return {
-            "input_ids": torch.tensor([e["input_ids"] for e in examples]),
-            "labels": torch.tensor([e["labels"] for e in examples]),
-            "position_ids": torch.tensor([e["position_ids"] for e in examples]),
-        }
+def collate(examples: list[dict], pad_id: int, layout: str) -> dict[str, torch.Tensor | int]:
+    """A micro-batch in one of three layouts:
+    - `padded`: right-padded rows with an attention mask;
+    - `packed`: packed rows with per-example position ids and no mask (SDPA/eager build a per-example mask);
+    - `flat`: every example's real tokens in one row (a packed row's padding tail dropped), position ids restarting
+      per example, and the cumulative lengths that flash kernels take (`cu_seq_lens_q/k`, `max_length_q/k`, as
+      `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` emits). transformers hands flash kernels a batch of
+      several rows as plain causal rows, attending across packed examples: only one flattened row is safe.
+    """
+    if layout == "flat":
+        return collate_flat(examples)
+    if layout == "packed":
+        return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
     width = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), width), pad_id), "labels": torch.full((len(examples), width), IGNORE_INDEX),
              "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
@@ -147,3 +156,33 @@ def collate(examples: list[dict], pad_id: int, packed: bool) -> dict[str, torch.
         batch["labels"][row, :n] = torch.tensor(e["labels"])
         batch["attention_mask"][row, :n] = 1
     return batch
+
+
+def collate_flat(examples: list[dict]) -> dict[str, torch.Tensor | int]:
+    ids, labels, lengths = [], [], []
+    for e in examples:
+        segments = e.get("lengths") or [len(e["input_ids"])]
+        real = sum(segments)
+        ids += e["input_ids"][:real]
+        labels += e["labels"][:real]
+        lengths += segments
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    labels_t = torch.tensor(labels)
+    # An example's first token is never predicted from the previous example's last one.
+    labels_t[starts[:-1]] = IGNORE_INDEX
+    cu_seq_lens = starts.to(torch.int32)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": labels_t[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def batch_layout(packed: bool, attn_implementation: str) -> str:
+    if takes_flat_batches(attn_implementation):
+        return "flat"
+    return "packed" if packed else "padded"

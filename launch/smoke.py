@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backbones import build_backbone
 from backbones.prompting import PromptBuilder
-from backbones.registry import get_backbone_spec
+from backbones.registry import prompt_builder_of
 from backbones.tiny import ensure_tiny_model
 from launch.bundled_data import bundled_path
 from launch.data_sources import conversation_turns
@@ -31,7 +31,7 @@ BACKBONE = "llama2-tiny-chat"
 
 def held_out_prompts(n: int) -> list[tuple[str, str]]:
     """(prompt text up to the answer, expected answer) for the first user turn of held-out eval conversations."""
-    builder: PromptBuilder = get_backbone_spec(BACKBONE).cls.prompt_builder_of(BACKBONE)
+    builder: PromptBuilder = prompt_builder_of(BACKBONE)
     rows = [json.loads(line) for line in bundled_path("chat", "eval").read_text().splitlines()][:n]
     prompts = []
     for i, row in enumerate(rows):

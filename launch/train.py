@@ -29,8 +29,9 @@ from fsdp.export import export_hf, model_tensor_sources
 from fsdp.materialize import load_from_rank0, materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, dump_config, parse_config, validate_config
-from launch.data import TokenizedData, build_tokenized
+from launch.data import TokenizedData, batch_layout, build_tokenized
 from launch.data_sources import DataError
+from launch.flops import build_flop_counter
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import decay_parameter_names
 from launch.preemption import EXIT_PREEMPTED, PreemptionHandler
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_rank0:
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    init_distributed(env)
+    init_distributed(env, cpu_collectives=prepared.config.fsdp.cpu_offload)
     status = 0
     try:
         fit_and_export(prepared, env, preemption)
@@ -125,6 +126,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     # stage: freeze per recipe, and decide decay groups from unsharded names and shapes
     apply_stage(backbone, config.train.stage)
     decay_names = decay_parameter_names(backbone.llm)
+    flops = build_flop_counter(backbone.llm)
     # shard: activation checkpointing -> FSDP2 per decoder layer, then root (still on meta)
     mesh = build_mesh(env, config.fsdp.sharding)
     model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, config.fsdp, mesh,
@@ -133,9 +135,10 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     materialize(model, env.device)
     backbone.init_non_persistent_buffers()
     metrics = MetricsWriter(run_dir, config.run.trackers, config_dict(config), env.is_rank0, config.run.wandb_project)
-    trainer = Trainer(config, env, model, decay_names, prepared.train_data, prepared.eval_data, backbone.tokenizer.pad_token_id,
-                      metrics, flops_per_token=6.0 * sum(p.numel() for p in model.parameters()))
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.async_save)
+    trainer = Trainer(config, env, model, decay_names, prepared.train_data, prepared.eval_data,
+                      backbone.tokenizer.pad_token_id, metrics, batch_layout(config.data.packing, prepared.attn), flops)
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.async_save,
+                                env.device)
     if prepared.resume_from is not None:
         # load: model, optimizer and trainer state from the checkpoint (DCP reshards to this world size)
         trainer.load_state_dict(checkpointer.load(prepared.resume_from, model, trainer.optimizer))

@@ -16,17 +16,15 @@ from torch import nn
 from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, set_gradient_sync
 from launch.config import Config
 from launch.data import IGNORE_INDEX, TokenizedData, collate
+from launch.flops import FlopCounter, peak_bf16_flops
 from launch.metrics import MetricsWriter, progress_bar
 from launch.optim import build_optimizer, build_schedule
 from launch.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per GPU for model FLOPs utilisation; unknown devices log no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor | int]) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised tokens, in fp32."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
@@ -48,7 +46,8 @@ class Trainer:
     eval_data: TokenizedData | None
     pad_id: int
     metrics: MetricsWriter
-    flops_per_token: float = 0.0
+    layout: str = "padded"  # padded | packed | flat (see launch.data.collate)
+    flops: FlopCounter | None = None
 
     def __post_init__(self) -> None:
         train = self.config.train
@@ -59,8 +58,7 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self.peak_flops = None
         if self.env.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.env.device)
-            self.peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+            self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.env.device))
 
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a resume needs; identical on every rank."""
@@ -71,24 +69,29 @@ class Trainer:
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def batch(self, data: TokenizedData, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate([data.dataset[i] for i in indices], self.pad_id, data.packed)
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+    def batch(self, data: TokenizedData, indices: list[int]) -> tuple[dict[str, torch.Tensor | int], list[int]]:
+        """The micro-batch on the device, and the lengths of its examples (real tokens, no padding)."""
+        examples = [data.dataset[i] for i in indices]
+        layout = self.layout if self.layout == "flat" or data.packed else "padded"
+        batch = collate(examples, self.pad_id, layout)
+        lengths = [n for e in examples for n in (e.get("lengths") or [len(e["input_ids"])])]
+        return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, lengths
 
     def train_step(self) -> dict:
         """One optimizer step over this rank's share of global batch `self.step`."""
         start = time.perf_counter()
         train = self.config.train
         micro = self.sampler.micro_batches(self.step, self.env.rank, self.env.world_size, train.micro_batch_size)
-        batches = [self.batch(self.train_data, indices) for indices in micro]
+        batches, lengths = zip(*(self.batch(self.train_data, indices) for indices in micro))
         local_tokens = sum(supervised_tokens(b) for b in batches)
         # Tokens the model processed: non-padding positions, or whole rows when packed.
         local_inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                            for b in batches)
-        tokens, inputs = all_reduce_sum([local_tokens, local_inputs], self.env.device)
+        local_flops = self.flops.step_flops(n for group in lengths for n in group) if self.flops else 0.0
+        tokens, inputs, flops = all_reduce_sum([local_tokens, local_inputs, local_flops], self.env.device)
         loss_sum = torch.zeros((), device=self.env.device)
         for k, batch in enumerate(batches):
-            set_gradient_sync(self.model, k == len(batches) - 1)
+            set_gradient_sync(self.model, last_micro_step=k == len(batches) - 1)
             loss = token_loss_sum(self.model, batch)
             # Divide by the global supervised-token count: gradients are summed over ranks and micro-steps, so the
             # step's gradient is that of (all token losses of the global batch) / (all its supervised tokens).
@@ -105,8 +108,10 @@ class Trainer:
         record = {"step": self.step, "epoch": self.sampler.position(self.step - 1)[0], "loss": total_loss / max(tokens, 1.0),
                   "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "input_tokens": int(inputs),
                   "tokens_per_s": inputs / elapsed, "step_time_s": elapsed}
-        if self.peak_flops and self.flops_per_token:
-            record["mfu"] = self.flops_per_token * inputs / elapsed / (self.peak_flops * self.env.world_size)
+        if flops:
+            record["tflops"] = flops / elapsed / self.env.world_size / 1e12  # per device
+            if self.peak_flops:
+                record["mfu"] = flops / elapsed / (self.peak_flops * self.env.world_size)
         return record
 
     @torch.no_grad()
@@ -121,7 +126,7 @@ class Trainer:
         for start in range(0, n, per_round):
             lo = start + self.env.rank * mb
             indices = list(range(lo, min(lo + mb, n)))
-            batch = self.batch(data, indices or [0])
+            batch, _ = self.batch(data, indices or [0])
             if not indices:
                 batch["labels"].fill_(IGNORE_INDEX)
             loss_sum += float(token_loss_sum(self.model, batch))

@@ -82,3 +82,11 @@ def test_every_shipped_recipe_parses_and_validates(recipe, tmp_path):
     data.write_text("")
     config = parse_config(["--config", str(ROOT / "recipes" / recipe), "--data.path", str(data)])
     validate_config(config, world_size=1 if recipe.startswith("tiny") else 8)
+
+
+@pytest.mark.parametrize("backbone", ["llama2-7b-pure", "llama2-7b-chat", "llama2-13b-chat", "vicuna-v15-7b",
+                                      "vicuna-v15-13b"])
+def test_llama2_and_vicuna_ids_accept_their_4096_token_context(backbone):
+    validate_config(parse_config(["--model.backbone", backbone, "--data.max_length", "4096"]), world_size=1)
+    with pytest.raises(ConfigError, match=f"--data.max_length=4097 exceeds {backbone}'s context of 4096 tokens"):
+        validate_config(parse_config(["--model.backbone", backbone, "--data.max_length", "4097"]), world_size=1)

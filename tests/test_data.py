@@ -31,7 +31,7 @@ def test_packed_rows_give_each_example_its_own_logits(tiny_backbone):
     assert data.packed and 0.0 <= data.padding_fraction < 0.5
     model = tiny_backbone.llm.eval()
     rows = [data.dataset[i] for i in range(3)]
-    batch = collate(rows, tiny_backbone.tokenizer.pad_token_id, packed=True)
+    batch = collate(rows, tiny_backbone.tokenizer.pad_token_id, layout="packed")
     assert "attention_mask" not in batch
     with torch.no_grad():
         packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -50,7 +50,7 @@ def test_packed_rows_give_each_example_its_own_logits(tiny_backbone):
 
 def test_unpacked_batches_are_right_padded_with_masked_labels(tiny_backbone):
     data = build_tokenized(DataConfig(path="bundled", format="alpaca", max_length=128), tiny_backbone, "train")
-    batch = collate([data.dataset[i] for i in range(4)], tiny_backbone.tokenizer.pad_token_id, packed=False)
+    batch = collate([data.dataset[i] for i in range(4)], tiny_backbone.tokenizer.pad_token_id, layout="padded")
     pad = batch["attention_mask"] == 0
     assert pad.any() and (batch["labels"][pad] == IGNORE_INDEX).all()
     assert (batch["input_ids"][pad] == tiny_backbone.tokenizer.pad_token_id).all()

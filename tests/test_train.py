@@ -55,14 +55,6 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in load_final(out).values())
 
 
-def test_activation_checkpointing_gives_the_same_losses_in_fp32(tmp_path):
-    common = [*TINY, *FP32, "--train.max_steps", "4"]
-    for flag in ("false", "true"):
-        ok(run_cli([*common, "--fsdp.activation_checkpointing", flag, "--run.output_dir", str(tmp_path / flag)], nproc=2))
-    off, on = read_metrics(tmp_path / "false")[0], read_metrics(tmp_path / "true")[0]
-    assert [r["loss"] for r in off] == pytest.approx([r["loss"] for r in on], abs=1e-6)
-
-
 def test_final_export_loads_with_plain_transformers_and_matches_trained_logits(tmp_path):
     out = tmp_path / "run"
     ok(subprocess_run([*FP32, "--train.max_steps", "5", "--run.output_dir", str(out)], 2))
@@ -106,11 +98,71 @@ def subprocess_run(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("variant", [["--fsdp.sharding", "grad-op"], ["--fsdp.sharding", "none"],
-                                     ["--fsdp.cpu_offload", "true"]])
-def test_sharding_variants_match_full_sharding_in_fp32(tmp_path, variant):
-    common = [*TINY, *FP32, "--train.max_steps", "3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2"]
-    ok(run_cli([*common, "--run.output_dir", str(tmp_path / "full")], nproc=2))
-    ok(run_cli([*common, *variant, "--run.output_dir", str(tmp_path / "variant")], nproc=2))
-    full, other = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "variant")[0]
+# Each flag, and what it must visibly change besides the losses (read from FSDP2's own state by the inspect driver).
+VARIANTS = {
+    "grad-op": (["--fsdp.sharding", "grad-op"], {"reshard_after_forward": [False], "offload_to_cpu": [False]}),
+    "none": (["--fsdp.sharding", "none"], {"reshard_after_forward": [False]}),
+    "cpu_offload": (["--fsdp.cpu_offload", "true"], {"offload_to_cpu": [True], "param_devices": ["cpu"],
+                                                       "optimizer_state_devices": ["cpu"]}),
+    "activation_checkpointing": (["--fsdp.activation_checkpointing", "true"], {"checkpointed_blocks": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def full_sharding_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    ok(subprocess_run([*FP32, "--train.max_steps", "3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
+                       "--run.output_dir", str(out)], 2))
+    inspected = json.loads((out / "inspect.json").read_text())
+    assert inspected["reshard_after_forward"] == [True] and inspected["offload_to_cpu"] == [False]
+    assert inspected["checkpointed_blocks"] == 0
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_fsdp_flag_takes_effect_and_trains_like_full_sharding_in_fp32(full_sharding_run, tmp_path, variant):
+    flags, expected = VARIANTS[variant]
+    out = tmp_path / "variant"
+    ok(subprocess_run([*FP32, "--train.max_steps", "3", "--train.global_batch_size", "8", "--train.micro_batch_size",
+                       "2", *flags, "--run.output_dir", str(out)], 2))
+    inspected = json.loads((out / "inspect.json").read_text())
+    assert {key: inspected[key] for key in expected} == expected
+    full, other = read_metrics(full_sharding_run)[0], read_metrics(out)[0]
     assert [r["loss"] for r in full] == pytest.approx([r["loss"] for r in other], abs=1e-5)
+    assert (out / "final" / "model.safetensors").is_file()  # the export ran after the step
+
+
+def test_cpu_offload_on_gpus_starts_a_cpu_backend_beside_nccl():
+    from fsdp.dist import process_group_backend
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert process_group_backend(cuda, cpu_collectives=True) == "cuda:nccl,cpu:gloo"
+    assert process_group_backend(cuda, cpu_collectives=False) == "nccl"
+    assert process_group_backend(cpu, cpu_collectives=True) == "gloo"
+
+
+def run_script(script: str, args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "tests" / "scripts" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+ACCUMULATE = [*TINY, *FP32, "--train.global_batch_size", "8", "--train.max_steps", "3", "--train.lr", "1e-3"]
+
+
+@pytest.mark.parametrize("unsharded", ["false", "true"])
+def test_gradient_accumulation_keeps_gradients_sharded_between_micro_steps(tmp_path, unsharded):
+    out = tmp_path / "accumulate"
+    ok(run_script("grad_storage.py", [*ACCUMULATE, "--train.micro_batch_size", "2", "--run.output_dir", str(out),
+                                      "--fsdp.unsharded_grad_accumulation", unsharded], nproc=2))
+    for rank in (0, 1):
+        storage = json.loads((out / f"grad_storage-rank{rank}.json").read_text())
+        held = max(storage["between_micro_steps"]) / storage["model_fp32_bytes"]
+        if unsharded == "false":  # this rank's half of every gradient (plus FSDP's padding), never the whole model
+            assert 0.45 < held <= 0.55, held
+        else:  # the opt-in mode: the whole model's unsharded fp32 gradients
+            assert held >= 1.0, held
+    # Accumulating over 2 micro-steps trains exactly like one micro-batch of the same rows.
+    ok(run_cli([*ACCUMULATE, "--train.micro_batch_size", "4", "--run.output_dir", str(tmp_path / "whole")], nproc=2))
+    assert_runs_match(tmp_path / "whole", out, atol=1e-5)

@@ -1,0 +1,128 @@
+"""The GPU attention paths on CPU: the real dispatch (transformers' flash path, shardtune's varlen adapter and
+batching) with only the CUDA kernels replaced by exact torch stand-ins (tests/standins.py). Every example of a
+micro-batch of several rows, packed or not, must get exactly the logits it gets alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import standins
+from conftest import ROOT, TINY, ok, read_metrics, run_cli
+from launch.config import DataConfig
+from launch.data import batch_layout, build_tokenized, collate
+
+KERNELS = ["flash_attention_2", "torch_varlen"]
+
+
+@pytest.fixture
+def kernel_model(request, monkeypatch, tiny_dir):
+    """(kernel name, the tiny model dispatching to it through transformers, its SDPA twin with the same weights)."""
+    from backbones import build_backbone
+
+    kernel = request.param
+    standins.CALLS.clear()
+    if kernel == "flash_attention_2":
+        standins.install_flash_attn(monkeypatch)
+    else:
+        standins.install_varlen(monkeypatch)
+    model = build_backbone("llama2-tiny-chat", attn_implementation=kernel).llm.eval()
+    reference = build_backbone("llama2-tiny-chat", attn_implementation="sdpa").llm.eval()
+    reference.load_state_dict(model.state_dict())
+    return kernel, model, reference
+
+
+def segments(batch) -> list[tuple[int, int]]:
+    cu = batch["cu_seq_lens_q"].tolist()
+    return list(zip(cu, cu[1:]))
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("kernel_model", KERNELS, indirect=True)
+def test_every_example_of_a_flash_micro_batch_gets_its_own_logits(kernel_model, tiny_backbone, packing):
+    kernel, model, reference = kernel_model
+    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=packing), tiny_backbone,
+                           "train")
+    examples = [data.dataset[i] for i in range(4)]  # a micro-batch of 4 rows
+    batch = collate(examples, tiny_backbone.tokenizer.pad_token_id, batch_layout(packing, kernel))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one flattened row, no padding
+    real = sum(sum(e.get("lengths") or [len(e["input_ids"])]) for e in examples)
+    assert batch["input_ids"].shape[1] == real
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        for a, b in segments(batch):
+            alone = reference(input_ids=batch["input_ids"][:, a:b], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[a:b], alone, rtol=0, atol=1e-5)
+    assert len(segments(batch)) >= (8 if packing else 4)
+    assert standins.CALLS["flash_attn_varlen_func" if kernel == "flash_attention_2" else "varlen_attn"] > 0
+
+
+@pytest.mark.parametrize("kernel_model", ["flash_attention_2"], indirect=True)
+def test_transformers_flash_path_attends_across_packed_examples_of_a_multi_row_batch(kernel_model, tiny_backbone):
+    """Why shardtune flattens: packed rows [4, L] with restarting position ids reach FA2 as plain causal rows."""
+    _, model, reference = kernel_model
+    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone,
+                           "train")
+    rows = collate([data.dataset[i] for i in range(4)], tiny_backbone.tokenizer.pad_token_id, "packed")
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits
+        first, second = data.dataset[0]["lengths"][:2]
+        alone = reference(input_ids=rows["input_ids"][:1, first:first + second], use_cache=False).logits
+    assert (logits[0, first:first + second] - alone[0]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("signature", sorted(standins.VARLEN_SIGNATURES))
+def test_varlen_adapter_is_causal_and_grouped_query_aware_for_each_torch_signature(monkeypatch, tiny_backbone,
+                                                                                   signature):
+    """torch 2.10 takes is_causal; 2.11+ take window_size, whose default is not causal; GQA needs enable_gqa or repeated
+    K/V. The tiny model has 4 query and 2 key/value heads."""
+    from backbones import build_backbone
+
+    standins.install_varlen(monkeypatch, signature)
+    model = build_backbone("llama2-tiny-chat", attn_implementation="torch_varlen").llm.eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100]])
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        model.config._attn_implementation = "sdpa"
+        expected = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def run_with_standins(kernel: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "tests" / "scripts" / "train_with_standins.py"), kernel, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+FP32_PACKED = [*TINY, "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--data.packing", "true",
+               "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def sdpa_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdpa") / "run"
+    ok(run_cli([*FP32_PACKED, "--model.attn_implementation", "sdpa", "--run.output_dir", str(out)], nproc=2))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_short_training_on_each_flash_path_matches_sdpa(sdpa_run, tmp_path, kernel):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = ok(run_with_standins(kernel, [*FP32_PACKED, "--model.attn_implementation", kernel,
+                                           "--run.output_dir", str(out)]))
+    assert f"attention: {kernel} (requested), padding-free batches" in result.stderr
+    expected, got = read_metrics(sdpa_run)[0], read_metrics(out)[0]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in expected]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
+    assert all(r["input_tokens"] < r_sdpa["input_tokens"] for r, r_sdpa in zip(got, expected))  # no padding computed
+    # The export names no shardtune-only attention: plain transformers loads it.
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config._attn_implementation in ("sdpa", "eager")
