@@ -10,7 +10,14 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-.PHONY: install tiny smoke test test-slurm bench bench-load clean
+# gpu-check runs on a bare GPU machine with no network whose Python already has torch >= 2.10 and transformers 5: the
+# rest comes from wheels in .whl/ that `make gpu-wheels` downloads beforehand (CPython 3.12, manylinux x86_64).
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/shardtune-site
+GPU_OUT ?= gpu-check
+GPU_WHEELS := datasets dill multiprocess draccus mergedeep toml typing-inspect mypy-extensions
+
+.PHONY: install tiny smoke test test-fast test-slurm lint bench bench-load gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +36,40 @@ tiny: install  ## build the offline tiny LLaMA-2 and the bundled data into the c
 smoke: install  ## 2-process torchrun full fine-tune of the tiny model on CPU, before/after eval, generation
 	$(BIN)/python -m launch.smoke --nproc $(NPROC)
 
-test: install
+test: install  ## both tiers: in-process tests, then the multi-process (torchrun, Slurm) ones
 	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: install  ## the in-process tier alone (< 60 s): config, schedule, sharding plans, checkpoints, prompts, FLOPs
+	$(BIN)/python -m pytest -q -ra -m "not slow and not gpu" tests
 
 test-slurm: install  ## the real-Slurm preemption test alone (root + apt needed)
 	$(BIN)/python -m pytest -q -ra tests/test_slurm.py
 
+lint: install  ## ruff: formatting and lint, line length 120 (pyproject.toml)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
 bench: bench-load
 
-bench-load: install  ## rank-0 load + broadcast vs every-rank-loads, save and export times (>= 300M params)
+bench-load: install  ## load memory three ways (every rank, rank 0 + second model, streamed), save and export times
 	$(BIN)/python tests/bench/bench_load.py --nproc $(NPROC)
+
+gpu-wheels: install  ## download what gpu-check needs beyond torch + transformers into .whl/ (needs network)
+	mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform any -d .whl \
+	    $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
+	@ls .whl
+
+gpu-check:  ## on one H100/H200: GPU tests (pytest -m gpu) and the 1.1B throughput table; refuses without CUDA
+	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || \
+	    { echo "gpu-check: needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)" >&2; exit 2; }
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+	    $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	mkdir -p $(GPU_OUT)
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) -m pytest -q -ra -m gpu -p no:cacheprovider tests/gpu
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) tests/bench/gpu_throughput.py --out $(GPU_OUT)/throughput.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

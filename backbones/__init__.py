@@ -4,4 +4,11 @@ from backbones.base import HFCausalLLMBackbone, LLMBackbone
 from backbones.llama2 import LLaMa2LLMBackbone
 from backbones.registry import BACKBONES, build_backbone, get_backbone_spec
 
-__all__ = ["BACKBONES", "HFCausalLLMBackbone", "LLMBackbone", "LLaMa2LLMBackbone", "build_backbone", "get_backbone_spec"]
+__all__ = [
+    "BACKBONES",
+    "HFCausalLLMBackbone",
+    "LLMBackbone",
+    "LLaMa2LLMBackbone",
+    "build_backbone",
+    "get_backbone_spec",
+]

@@ -11,7 +11,7 @@ the 2-D attention mask.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,9 @@ def causal_kwargs(kernel: Callable, heads_q: int, heads_kv: int) -> tuple[dict, 
     elif "is_causal" in params:
         kwargs = {"is_causal": True}
     else:
-        raise RuntimeError(f"unsupported varlen_attn signature {inspect.signature(kernel)}: no window_size or is_causal")
+        raise RuntimeError(
+            f"unsupported varlen_attn signature {inspect.signature(kernel)}: no window_size or is_causal"
+        )
     repeat_kv = heads_q != heads_kv and "enable_gqa" not in params
     if heads_q != heads_kv and not repeat_kv:
         kwargs["enable_gqa"] = True
@@ -92,8 +94,17 @@ def varlen_attention_forward(
             lengths = torch.full((batch,), q_len, dtype=torch.int32, device=query.device)
         cu_seq_lens_q = cu_seq_lens_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         max_length_q = max_length_k = int(lengths.max())
-    out = kernel(q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_length_q),
-                 int(max_length_k), scale=scaling, **kernel_kwargs)
+    out = kernel(
+        q,
+        k,
+        v,
+        cu_seq_lens_q.to(torch.int32),
+        cu_seq_lens_k.to(torch.int32),
+        int(max_length_q),
+        int(max_length_k),
+        scale=scaling,
+        **kernel_kwargs,
+    )
     if indices is not None:
         out = out.new_zeros(batch * q_len, heads_q, head_dim).index_copy(0, indices, out)
     return out.view(batch, q_len, heads_q, head_dim), None

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch.distributions import constraints
+from torch.distributions.multivariate_normal import MultivariateNormal
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch_varlen attention implementation)
 from backbones.prompting import PromptBuilder
+from backbones.weights import SafetensorsReader, WeightsError
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,28 @@ class LLMBackbone(nn.Module, ABC):
         return self.llm(*args, **kwargs)
 
 
+def padded_vocab_size(num_tokens: int, vocab_size: int, multiple: int) -> int:
+    """The one place the embedding size is decided: unchanged when the tokenizer fits, else the tokenizer's size
+    rounded up to `multiple`."""
+    return vocab_size if num_tokens <= vocab_size else -(-num_tokens // multiple) * multiple
+
+
+@torch.no_grad()
+def grow_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append rows for new tokens as transformers' `resize_token_embeddings` (mean_resizing=True) makes them: samples of
+    a normal with the old rows' mean and 1e-9 x their covariance (https://nlp.stanford.edu/~johnhew/vocab-expansion.html),
+    or the mean where that covariance is not positive definite."""
+    added = rows - weight.shape[0]
+    mean = weight.mean(0)
+    centered = weight - mean
+    covariance = 1e-9 * (centered.T @ centered) / weight.shape[0]
+    if constraints.positive_definite.check(covariance).all():
+        new = MultivariateNormal(mean, covariance_matrix=covariance).sample((added,))
+    else:
+        new = mean[None].repeat(added, 1)
+    return torch.cat([weight, new.to(weight.dtype)])
+
+
 def read_hf_token(token_file: str | None = None) -> str | None:
     """The Hub token from `HF_TOKEN`, else from a token file; never logged or saved by shardtune."""
     if os.environ.get("HF_TOKEN"):
@@ -73,19 +105,23 @@ def read_hf_token(token_file: str | None = None) -> str | None:
     if token_file:
         path = Path(token_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--model.hf_token_file={token_file} does not exist; give a file holding a Hub token")
+            raise FileNotFoundError(
+                f"--model.hf_token_file={token_file} does not exist; give a file holding a Hub token"
+            )
         return path.read_text().strip()
     return None
 
 
 class HFCausalLLMBackbone(LLMBackbone):
-    """Loads a causal LM and its tokenizer through `from_pretrained`, from a Hub id or a local directory."""
+    """A causal LM from a Hub id or a local directory: tokenizer and config through `from_pretrained`, the module tree
+    built once on `meta`. Weights are read one tensor at a time (`pretrained_weights`) into whatever the caller
+    allocated: the sharded model on every rank, or, with `load_weights`, this whole model on the CPU."""
 
     def __init__(
         self,
         identifier: str,
         spec: BackboneSpec,
-        hf_token: str | None = None,
+        hf_token_file: str | None = None,
         inference_mode: bool = False,
         attn_implementation: str = "sdpa",
         local_path: str | None = None,
@@ -94,28 +130,32 @@ class HFCausalLLMBackbone(LLMBackbone):
         super().__init__(identifier)
         self.spec = spec
         self.hf_hub_path = local_path or spec.hf_hub_path
+        self.is_local = local_path is not None
+        self.hf_token_file = hf_token_file  # a path; the token itself is read per call and kept nowhere
         self.llm_max_length = spec.llm_max_length
         self.inference_mode = inference_mode
-        # The token is used for these calls only and kept nowhere on the object.
-        self.tokenizer = self._load(AutoTokenizer.from_pretrained, model_max_length=self.llm_max_length,
-                                    padding_side="right", token=hf_token)
+        self.tokenizer = self._load(
+            AutoTokenizer.from_pretrained, model_max_length=self.llm_max_length, padding_side="right"
+        )
         self.extend_tokenizer()
-        if load_weights:
-            self.llm = self._load(AutoModelForCausalLM.from_pretrained, attn_implementation=attn_implementation,
-                                  dtype=torch.float32, token=hf_token)
-            if len(self.tokenizer) > self.llm.config.vocab_size:
-                self.llm.resize_token_embeddings(len(self.tokenizer), pad_to_multiple_of=self.pad_vocab_to)
-        else:  # every parameter on `meta`: the caller shards first, then materialises and loads.
-            config = self._load(AutoConfig.from_pretrained, token=hf_token)
-            if len(self.tokenizer) > config.vocab_size:
-                config.vocab_size = -(-len(self.tokenizer) // self.pad_vocab_to) * self.pad_vocab_to
-            with torch.device("meta"):
-                self.llm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                            dtype=torch.float32)
+        config = self._load(AutoConfig.from_pretrained)
+        config.vocab_size = padded_vocab_size(len(self.tokenizer), config.vocab_size, self.pad_vocab_to)
+        with torch.device("meta"):
+            self.llm = AutoModelForCausalLM.from_config(
+                config, attn_implementation=attn_implementation, dtype=torch.float32
+            )
+        self.llm.generation_config = self._generation_config(config)
         self.llm.config.pad_token_id = self.tokenizer.pad_token_id
         self.llm.config.use_cache = inference_mode
         if not inference_mode:
             self.llm.train()
+        if load_weights:  # one process, no sharding: allocate here and read the weights in
+            self.llm.to_empty(device="cpu")
+            self.init_non_persistent_buffers()
+            weights = self.pretrained_weights()
+            with torch.no_grad():
+                for name, tensor in self.llm.state_dict().items():
+                    tensor.copy_(weights(name))
 
     @property
     def prompt_builder_fn(self) -> Callable[[str], PromptBuilder]:
@@ -135,9 +175,54 @@ class HFCausalLLMBackbone(LLMBackbone):
             if module._non_persistent_buffers_set:
                 self.llm._init_weights(module)
 
-    def _load(self, loader: Callable, **kwargs):
+    def pretrained_weights(self) -> Callable[[str], torch.Tensor]:
+        """`read(name)`: one pretrained tensor as this model holds it (fp32, vocabulary rows grown for new tokens), read
+        from the safetensors files without mapping them, so only one tensor is in memory at a time."""
+        reader = SafetensorsReader(self._weights_directory())
+        shapes = {name: tensor.shape for name, tensor in self.llm.state_dict().items()}
+        tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
+
+        def read(name: str) -> torch.Tensor:
+            if name not in reader.entries and tied and name == "lm_head.weight":
+                name = "model.embed_tokens.weight"
+            if name not in reader.entries:
+                raise WeightsError(
+                    f"{self.hf_hub_path}: the weights have no tensor '{name}'; is this a "
+                    f"{type(self.llm).__name__} checkpoint?"
+                )
+            tensor, shape = reader.read(name).to(torch.float32), shapes[name]
+            if tensor.shape != shape and tensor.shape[1:] == shape[1:] and tensor.shape[0] < shape[0]:
+                tensor = grow_vocab_rows(tensor, shape[0])
+            if tensor.shape != shape:
+                raise WeightsError(
+                    f"{self.hf_hub_path}: '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}"
+                )
+            return tensor
+
+        return read
+
+    def _weights_directory(self) -> Path:
+        if self.is_local:
+            return Path(self.hf_hub_path)
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            self._load(
+                lambda repo, **kw: snapshot_download(repo, **kw),
+                allow_patterns=["*.safetensors", "*.safetensors.index.json"],
+            )
+        )
+
+    def _generation_config(self, config) -> GenerationConfig:
         try:
-            return loader(self.hf_hub_path, **kwargs)
+            return self._load(GenerationConfig.from_pretrained)
+        except OSError:  # a directory without generation_config.json
+            return GenerationConfig.from_model_config(config)
+
+    def _load(self, loader: Callable, **kwargs):
+        token = None if self.is_local else read_hf_token(self.hf_token_file)
+        try:
+            return loader(self.hf_hub_path, token=token, **kwargs)
         except OSError as error:
             raise OSError(
                 f"could not load '{self.hf_hub_path}' for backbone '{self.identifier}': {error}\n"

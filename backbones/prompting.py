@@ -3,8 +3,8 @@ character spans of that text are assistant answers (the only tokens the SFT loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 # FastChat's default Vicuna v1.1/v1.5 system prompt (fastchat/conversation.py, "vicuna_v1.1").
 VICUNA_SYSTEM_PROMPT = (

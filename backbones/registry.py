@@ -3,7 +3,7 @@ merged here."""
 
 from __future__ import annotations
 
-from backbones.base import BackboneSpec, HFCausalLLMBackbone, read_hf_token
+from backbones.base import BackboneSpec, HFCausalLLMBackbone
 from backbones.llama2 import LLAMA2_MODELS
 from backbones.prompting import PromptBuilder
 
@@ -12,7 +12,9 @@ BACKBONES: dict[str, BackboneSpec] = {**LLAMA2_MODELS}
 
 def get_backbone_spec(backbone_id: str) -> BackboneSpec:
     if backbone_id not in BACKBONES:
-        raise ValueError(f"unknown backbone '{backbone_id}' (--model.backbone); valid ids: {', '.join(sorted(BACKBONES))}")
+        raise ValueError(
+            f"unknown backbone '{backbone_id}' (--model.backbone); valid ids: {', '.join(sorted(BACKBONES))}"
+        )
     return BACKBONES[backbone_id]
 
 
@@ -38,7 +40,7 @@ def build_backbone(
     return spec.cls(
         backbone_id,
         spec,
-        hf_token=None if path else read_hf_token(hf_token_file),
+        hf_token_file=hf_token_file,
         inference_mode=inference_mode,
         attn_implementation=attn_implementation,
         local_path=path,

@@ -21,9 +21,18 @@ from backbones.tiny_corpus import corpus_lines
 TINY_VERSION = "v1"
 TINY_VOCAB = 1024
 TINY_CONFIG = dict(
-    hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, initializer_range=0.02,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    initializer_range=0.02,
 )
 
 
@@ -39,11 +48,18 @@ def build_tiny_tokenizer() -> LlamaTokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
+    )
     tok.train_from_iterator(corpus_lines(), trainer)
-    return LlamaTokenizer(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                          add_bos_token=True, add_eos_token=False)
+    return LlamaTokenizer(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
+    )
 
 
 def build_tiny_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

@@ -9,17 +9,47 @@ import random
 import string
 
 CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Chile": "Santiago",
-    "Cuba": "Havana", "Greece": "Athens", "Poland": "Warsaw", "Canada": "Ottawa", "Ireland": "Dublin",
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Germany": "Berlin",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Greece": "Athens",
+    "Poland": "Warsaw",
+    "Canada": "Ottawa",
+    "Ireland": "Dublin",
     "Portugal": "Lisbon",
 }
 COLORS = {
-    "a banana": "yellow", "the sky": "blue", "grass": "green", "snow": "white", "coal": "black",
-    "a tomato": "red", "an orange": "orange", "a plum": "purple", "chocolate": "brown", "milk": "white",
+    "a banana": "yellow",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "a tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+    "chocolate": "brown",
+    "milk": "white",
 }
-OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "old": "new", "early": "late",
-             "happy": "sad", "open": "closed", "light": "dark", "wet": "dry"}
+OPPOSITES = {
+    "hot": "cold",
+    "up": "down",
+    "big": "small",
+    "fast": "slow",
+    "old": "new",
+    "early": "late",
+    "happy": "sad",
+    "open": "closed",
+    "light": "dark",
+    "wet": "dry",
+}
 OPPOSITES.update({v: k for k, v in list(OPPOSITES.items())})
 LETTERS = string.ascii_lowercase
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with one word."]

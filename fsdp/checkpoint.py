@@ -1,9 +1,11 @@
-"""Sharded, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""The one owner of checkpoints: when to save, how to save and publish, which checkpoint to resume, the initial load
+when there is none, and reading a checkpoint offline for export.
 
-A checkpoint is complete or invisible: every rank writes into `checkpoints/.step-000040.tmp/`; when all are done,
-rank 0 writes `shardtune.json` (what the checkpoint is), renames the directory to `step-000040` and only then updates
-the `latest` pointer. Resume looks only at `step-*` directories that hold a readable `shardtune.json` and DCP
-`.metadata`, so a save killed part-way is never picked. DCP reshards on load, so the world size may change.
+A checkpoint is complete or invisible: every rank writes into `checkpoints/.step-000040.tmp/` with
+torch.distributed.checkpoint (DCP); when all are done, rank 0 writes `shardtune.json` (what the checkpoint is), renames
+the directory to `step-000040` and only then updates `latest`. Resume looks only at `step-*` directories with a readable
+`shardtune.json` and DCP `.metadata`, so a save killed part-way is never picked. DCP reshards on load, so the world
+size may change. The training loop asks two questions: `save(step, ...)` ("save now?" is decided here) and `load`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +29,25 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from fsdp.dist import barrier, broadcast_object, is_rank0
+from fsdp.export import TensorSource
+from fsdp.materialize import load_from_rank0
+
 log = logging.getLogger(__name__)
 META_FILE = "shardtune.json"
+MODEL, OPTIM = "model", "optim"  # the top-level keys of a checkpoint's DCP state
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be resumed: says which and why."""
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    every_steps: int = 0  # 0: only on request (preemption)
+    keep_last: int = 2
+    async_save: bool = False
 
 
 def checkpoint_name(step: int) -> str:
@@ -36,25 +55,30 @@ def checkpoint_name(step: int) -> str:
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The metadata of a complete checkpoint; raises ValueError when incomplete or unreadable."""
+    """The metadata of a complete checkpoint; raises CheckpointError when incomplete or unreadable."""
     try:
         meta = json.loads((path / META_FILE).read_text())
         dcp.FileSystemReader(str(path)).read_metadata()
     except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is incomplete or unreadable ({error})") from None
+        raise CheckpointError(f"{path} is incomplete or unreadable ({error})") from None
     return meta
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """`step-*` directories under `root`, newest first (complete or not)."""
+    if not root.is_dir():
+        return []
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    return [path for _, path in reversed(steps)]
 
 
 def find_latest_checkpoint(root: Path) -> Path | None:
     """Newest complete checkpoint under `root`; incomplete or unreadable ones are skipped with a warning."""
-    if not root.is_dir():
-        return None
-    candidates = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-    for _, path in reversed(candidates):
+    for path in list_checkpoints(root):
         try:
             read_checkpoint_meta(path)
             return path
-        except ValueError as error:
+        except CheckpointError as error:
             log.warning("skipping checkpoint: %s", error)
     return None
 
@@ -84,43 +108,137 @@ class PendingSave:
     meta: dict[str, Any]
 
 
-class Checkpointer:
-    """Saves and loads (model, optimizer, trainer state) for every rank; keeps the newest `keep_last`."""
+class CheckpointManager:
+    """Saves and loads (model, optimizer, trainer state) for every rank under `root`.
 
-    def __init__(self, root: Path, keep_last: int, async_save: bool, device: torch.device) -> None:
-        self.root = root
-        self.device = device
-        self.keep_last = keep_last
-        self.async_save = async_save
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+    `identity` is recorded in every checkpoint; the keys of `must_match` (identity key -> the flag that sets it) must
+    equal the checkpoint's for a resume, and a mismatch is refused by name. `hf_extras(directory)` writes a Hugging Face
+    config and tokenizer into each checkpoint, so that it exports on its own.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        policy: SavePolicy,
+        identity: dict[str, Any],
+        device: torch.device,
+        must_match: dict[str, str] | None = None,
+        hf_extras: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.root, self.policy, self.identity, self.device = root, policy, identity, device
+        self.must_match = must_match or {}
+        self.hf_extras = hf_extras
         self.pending: PendingSave | None = None
-        # Async writes run collectives from a background thread: give them their own group so they never interleave
-        # with the training loop's collectives on the default group.
-        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._async_group = None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-             meta: dict[str, Any], extras_writer=None) -> None:
-        """Collective. `trainer_state` must be the same on every rank; RNG state is saved per rank."""
+    # ---- which checkpoint: needs no process group, so a bad resume is refused before one starts ----
+    def select(self, resume: str) -> Path | None:
+        """`resume`: auto (the newest complete checkpoint under root, if any), never, or a checkpoint directory."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            path = find_latest_checkpoint(self.root)
+        else:
+            path = Path(resume)
+            try:
+                read_checkpoint_meta(path)
+            except CheckpointError as error:
+                raise CheckpointError(
+                    f"--run.resume={resume}: {error}; give a complete checkpoint directory "
+                    "(checkpoints/step-NNNNNN), auto or never"
+                ) from None
+        if path is None:
+            return None
+        meta = read_checkpoint_meta(path)
+        mismatched = [
+            f"{key} '{meta.get(key)}' (checkpoint) vs '{self.identity[key]}' ({flag})"
+            for key, flag in self.must_match.items()
+            if meta.get(key) != self.identity[key]
+        ]
+        if mismatched:
+            raise CheckpointError(
+                f"cannot resume from {path}: " + "; ".join(mismatched) + ". Use a new "
+                "--run.output_dir, or --run.resume never to start from the pretrained weights"
+            )
+        if meta.get("config_digest") != self.identity.get("config_digest"):
+            log.warning(
+                "resuming %s with a changed configuration (model/data/train/fsdp differ from the saved run)", path
+            )
+        log.info("resuming from %s (step %d, saved by %d ranks)", path, meta["step"], meta["world_size"])
+        return path
+
+    # ---- load: resume, or the initial load ----
+    def load(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        resume_from: Path | None,
+        read_pretrained: Callable[[], Callable[[str], torch.Tensor]],
+    ) -> dict[str, Any] | None:
+        """Collective. Rank 0's choice of checkpoint is used by every rank. With a checkpoint: model and optimizer
+        shards (resharded to this world size), this rank's RNG state, and the trainer state it returns. Without one:
+        the pretrained weights, read on rank 0 only (`read_pretrained()` gives `read(name)`) and broadcast; None."""
+        chosen = broadcast_object(str(resume_from) if resume_from is not None else None)
+        if chosen is None:
+            load_from_rank0(model, read_pretrained() if is_rank0() else None, self.device)
+            return None
+        path = Path(chosen)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {MODEL: model_state, OPTIM: optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state[MODEL], optim_state_dict=state[OPTIM])
+        own = path / f"rank-{_rank():05d}.pt"
+        extra = torch.load(own if own.exists() else path / "rank-00000.pt", weights_only=False)
+        if own.exists():
+            restore_rng(extra["rng"], self.device)
+        return extra["trainer"]
+
+    # ---- save ----
+    def due(self, step: int, last_step: bool) -> bool:
+        every = self.policy.every_steps
+        return bool(every) and (step % every == 0 or last_step)
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        last_step: bool = False,
+        force: bool = False,
+    ) -> bool:
+        """Collective. Saves when the policy says so (or `force`); returns whether it did. `trainer_state` must be
+        the same on every rank; RNG state is saved per rank."""
+        if not (force or self.due(step, last_step)):
+            return False
         self.finish()
         final_dir = self.root / checkpoint_name(step)
         tmp_dir = self.root / f".{final_dir.name}.tmp"
-        if self.rank == 0:
+        if is_rank0():
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-            if extras_writer is not None:
-                extras_writer(tmp_dir / "hf")  # config + tokenizer: makes `launch.export` self-contained
-        _barrier()
+            if self.hf_extras is not None:
+                self.hf_extras(tmp_dir / "hf")  # config + tokenizer: makes `launch.export` self-contained
+        barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        torch.save({"trainer": trainer_state, "rng": capture_rng(self.device)}, tmp_dir / f"rank-{self.rank:05d}.pt")
+        state = {MODEL: model_state, OPTIM: optim_state}
+        torch.save({"trainer": trainer_state, "rng": capture_rng(self.device)}, tmp_dir / f"rank-{_rank():05d}.pt")
         future = None
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp_dir), process_group=self.group)
+        if self.policy.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp_dir), process_group=self._async_process_group())
         else:
             dcp.save(state, checkpoint_id=str(tmp_dir))
-        self.pending = PendingSave(future, tmp_dir, final_dir, {**meta, "step": step})
-        if not self.async_save:
+        self.pending = PendingSave(future, tmp_dir, final_dir, {**self.identity, "step": step})
+        if not self.policy.async_save:
             self.finish()
+        return True
+
+    def _async_process_group(self):
+        # Async writes run collectives from a background thread: give them their own group so they never interleave
+        # with the training loop's collectives on the default group.
+        if self._async_group is None and dist.is_initialized():
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
 
     def finish(self) -> None:
         """Wait for a pending (async) save on every rank, then publish it: metadata, rename, `latest`, pruning."""
@@ -129,8 +247,8 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending.future is not None:
             pending.future.result()
-        _barrier()
-        if self.rank == 0:
+        barrier()
+        if is_rank0():
             (pending.tmp_dir / META_FILE).write_text(json.dumps(pending.meta, indent=2, sort_keys=True) + "\n")
             if pending.final_dir.exists():  # a re-save of the same step (resumed run): replace it whole
                 shutil.rmtree(pending.final_dir)
@@ -140,27 +258,42 @@ class Checkpointer:
             os.replace(latest_tmp, self.root / "latest")
             self.prune()
             log.info("checkpoint saved: %s", pending.final_dir)
-        _barrier()
+        barrier()
 
     def prune(self) -> None:
-        complete = sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
-        for step in complete[: -self.keep_last]:
-            shutil.rmtree(self.root / checkpoint_name(step), ignore_errors=True)
-
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Collective. Loads model + optimizer shards (resharded to this world size); returns the trainer state and
-        restores this rank's RNG state when the checkpoint has one for it."""
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        own = path / f"rank-{self.rank:05d}.pt"
-        extra = torch.load(own if own.exists() else path / "rank-00000.pt", weights_only=False)
-        if own.exists():
-            restore_rng(extra["rng"], self.device)
-        return extra["trainer"]
+        """Keep the newest `keep_last` complete checkpoints."""
+        complete = []
+        for path in list_checkpoints(self.root):
+            try:
+                read_checkpoint_meta(path)
+                complete.append(path)
+            except CheckpointError:
+                continue
+        for path in complete[self.policy.keep_last :]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def checkpoint_tensor_sources(checkpoint: Path) -> list[TensorSource]:
+    """The model tensors of a checkpoint, each read alone when fetched, in one process with no process group (the
+    offline export)."""
+    read_checkpoint_meta(checkpoint)
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    prefix = MODEL + "."
+
+    def fetch(key: str, size: torch.Size, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            holder = {MODEL: {key: torch.empty(size, dtype=dtype)}}
+            dcp.load(holder, checkpoint_id=str(checkpoint), no_dist=True)
+            return holder[MODEL][key]
+
+        return load
+
+    return [
+        (key[len(prefix) :], md.size, fetch(key[len(prefix) :], md.size, md.properties.dtype))
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(md, "size")
+    ]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

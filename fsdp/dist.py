@@ -7,7 +7,6 @@ LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); with none of it (plain `python`
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,10 +23,6 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     backend: str
-
-    @property
-    def is_rank0(self) -> bool:
-        return self.rank == 0
 
     @property
     def num_nodes(self) -> int:
@@ -47,12 +42,6 @@ def read_env() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_group_backend(device: torch.device, cpu_collectives: bool) -> str:
     """NCCL for CUDA tensors, gloo on CPU. With CPU offload the gradient-norm clip and the export reduce CPU DTensors,
     which NCCL cannot ("No backend type associated with device type cpu", pytorch#148532): a gloo backend for CPU
@@ -67,28 +56,44 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800, cpu_collectives: bool 
     `cpu_collectives`: also reduce CPU tensors on a GPU run (CPU offload)."""
     if dist.is_initialized():
         return
-    if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    launched = "MASTER_ADDR" in os.environ
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     timeout = timedelta(seconds=timeout_s)
-    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    if launched:
+        store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    else:  # plain `python`: an in-memory store, no port (and nothing for child processes to inherit)
+        store = dist.HashStore()
     # After an elastic restart the store still holds the dead generation's gloo/NCCL addresses under the same keys;
     # reading them, new workers connect to ports nobody listens on and fail or hang. One namespace per attempt.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(process_group_backend(env.device, cpu_collectives), store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
-                            rank=env.rank, world_size=env.world_size, timeout=timeout,
-                            device_id=env.device if env.device.type == "cuda" else None)
+    dist.init_process_group(
+        process_group_backend(env.device, cpu_collectives),
+        store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        device_id=env.device if env.device.type == "cuda" else None,
+    )
 
 
 def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh:
     """1-D mesh for full/grad-op; 2-D (replicate, shard) for hybrid (shard within a node) and none (pure replicas)."""
     device_type = env.device.type
     if sharding == "hybrid":
-        return init_device_mesh(device_type, (env.num_nodes, env.local_world_size), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(
+            device_type, (env.num_nodes, env.local_world_size), mesh_dim_names=("replicate", "shard")
+        )
     if sharding == "none":
         return init_device_mesh(device_type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
+
+
+def is_rank0() -> bool:
+    """The one answer to "am I rank 0?": the process group's rank once it exists, else the launcher's RANK."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def barrier() -> None:
@@ -101,6 +106,14 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums of Python numbers over all ranks, in float64 (exact for token counts)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def teardown() -> None:

@@ -8,8 +8,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -24,6 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def model_tensor_sources(model: nn.Module) -> list[TensorSource]:
     """Persistent tensors of a (possibly FSDP2-sharded) model; every rank must fetch them in the same order."""
+
     def fetch(t: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -43,8 +44,14 @@ def plan_shards(sources: list[TensorSource], dtype: torch.dtype, max_shard_bytes
     return shards
 
 
-def export_hf(sources: Iterable[TensorSource], out_dir: str | Path, dtype: str, max_shard_mb: int,
-              write: bool, save_extras: Callable[[Path], None]) -> None:
+def export_hf(
+    sources: Iterable[TensorSource],
+    out_dir: str | Path,
+    dtype: str,
+    max_shard_mb: int,
+    write: bool,
+    save_extras: Callable[[Path], None],
+) -> None:
     """Write `out_dir` as a Hugging Face model directory. Every rank calls this (tensors may be gathered); only the
     rank with `write=True` writes. The directory appears complete or not at all (temporary name, then rename)."""
     torch_dtype = DTYPES[dtype]

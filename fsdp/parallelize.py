@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable import checkpoint as checkpoint_module
 from torch.distributed.device_mesh import DeviceMesh
@@ -19,34 +18,39 @@ log = logging.getLogger(__name__)
 UNSHARDED_ACCUMULATION = "_shardtune_unsharded_grad_accumulation"
 
 
-def build_mp_policy(mixed_precision: str, half_dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """bf16: compute in the backbone's half dtype over fp32 master weights, reduce gradients in fp32."""
-    if mixed_precision == "fp32":
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=half_dtype, reduce_dtype=torch.float32)
-
-
-def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, mesh: DeviceMesh,
-                      half_dtype: torch.dtype) -> nn.Module:
+def apply_parallelism(
+    model: nn.Module,
+    layer_cls: type[nn.Module],
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+    unsharded_grad_accumulation: bool = False,
+) -> nn.Module:
     """In place, in this order (each later step wraps what the earlier produced):
     1. activation checkpointing per `layer_cls` block (composable: parameter names are unchanged);
     2. torch.compile would go here, per block;
     3. `fully_shard` on every `layer_cls` block, then on the root — the FSDP2 form of
        `transformer_auto_wrap_policy({layer_cls})`; the root group holds embeddings, final norm and head.
+    `param_dtype`: the compute dtype (bf16 over fp32 master weights), or None to compute in fp32; gradients are reduced
+    in `reduce_dtype`. `reshard_after_forward=False` is ZeRO-2 (grad-op): parameters stay gathered from forward to
+    backward. `unsharded_grad_accumulation`: see `set_gradient_sync`.
     """
     blocks = [m for m in model.modules() if isinstance(m, layer_cls)]
     if not blocks:
         raise ValueError(f"no {layer_cls.__name__} modules found to shard in {type(model).__name__}")
-    if fsdp_cfg.activation_checkpointing:
+    if activation_checkpointing:
         for block in blocks:
             checkpoint_module(block)
     kwargs = dict(
         mesh=mesh,
-        mp_policy=build_mp_policy(fsdp_cfg.mixed_precision, half_dtype),
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None),
         # Pinned host memory speeds up host<->GPU copies; it needs an accelerator, and a CPU run has nothing to copy.
-        offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy(),
-        # grad-op (ZeRO-2): keep gathered parameters from forward to backward; full (ZeRO-3) frees them.
-        reshard_after_forward=fsdp_cfg.sharding not in ("grad-op", "none"),
+        offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy(),
+        reshard_after_forward=reshard_after_forward,
     )
     for block in blocks:
         fully_shard(block, **kwargs)
@@ -58,10 +62,18 @@ def apply_parallelism(model: nn.Module, layer_cls: type[nn.Module], fsdp_cfg, me
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-    setattr(model, UNSHARDED_ACCUMULATION, bool(getattr(fsdp_cfg, "unsharded_grad_accumulation", False)))
-    log.info("FSDP2 sharding=%s over mesh %s: %d %s blocks + root; mixed precision %s; activation checkpointing %s",
-             fsdp_cfg.sharding, tuple(mesh.shape), len(blocks), layer_cls.__name__, fsdp_cfg.mixed_precision,
-             "on" if fsdp_cfg.activation_checkpointing else "off")
+    setattr(model, UNSHARDED_ACCUMULATION, unsharded_grad_accumulation)
+    log.info(
+        "FSDP2 over mesh %s: %d %s blocks + root; compute %s; reshard after forward %s; activation "
+        "checkpointing %s; CPU offload %s",
+        tuple(mesh.shape),
+        len(blocks),
+        layer_cls.__name__,
+        param_dtype or torch.float32,
+        reshard_after_forward,
+        "on" if activation_checkpointing else "off",
+        "on" if cpu_offload else "off",
+    )
     return model
 
 
@@ -89,11 +101,3 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return float(norm)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums of Python numbers over all ranks, in float64 (exact for token counts)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()

@@ -62,8 +62,10 @@ def resolve_attn_implementation(requested: str, device: torch.device, mixed_prec
     if requested in FLASH_KERNELS:
         problem = kernel_problem(requested, device, mixed_precision)
         if problem:
-            raise AttentionError(f"--model.attn_implementation={requested} cannot be used: {problem}; "
-                                 "or choose --model.attn_implementation=sdpa (or auto)")
+            raise AttentionError(
+                f"--model.attn_implementation={requested} cannot be used: {problem}; "
+                "or choose --model.attn_implementation=sdpa (or auto)"
+            )
         return requested, f"attention: {requested} (requested), padding-free batches"
     if requested != "auto":
         return requested, f"attention: {requested} (requested)"

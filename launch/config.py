@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -129,6 +130,11 @@ def parse_config(argv: list[str]) -> Config:
     return draccus.parse(Config, config_path=config_path, args=args)
 
 
+def config_to_dict(config: Config) -> dict:
+    """The resolved config as plain values (trackers, digests). Secrets are never fields."""
+    return dataclasses.asdict(config)
+
+
 def dump_config(config: Config) -> str:
     """The resolved config as YAML. Secrets are never fields (tokens come from HF_TOKEN or a file path)."""
     stream = io.StringIO()
@@ -157,12 +163,16 @@ def validate_config(config: Config, world_size: int | None = None) -> None:
         if value not in choices:
             problems.append(f"--{section}.{key}={value} is not valid; choose one of {', '.join(choices)}")
     if config.model.backbone not in BACKBONES:
-        problems.append(f"--model.backbone={config.model.backbone} is unknown; valid ids: {', '.join(sorted(BACKBONES))}")
+        problems.append(
+            f"--model.backbone={config.model.backbone} is unknown; valid ids: {', '.join(sorted(BACKBONES))}"
+        )
     else:
         limit = BACKBONES[config.model.backbone].llm_max_length
         if config.data.max_length > limit:
-            problems.append(f"--data.max_length={config.data.max_length} exceeds {config.model.backbone}'s context of "
-                            f"{limit} tokens; choose a value <= {limit}")
+            problems.append(
+                f"--data.max_length={config.data.max_length} exceeds {config.model.backbone}'s context of "
+                f"{limit} tokens; choose a value <= {limit}"
+            )
     train = config.train
     for key in ("global_batch_size", "micro_batch_size"):
         if getattr(train, key) < 1:
@@ -173,10 +183,13 @@ def validate_config(config: Config, world_size: int | None = None) -> None:
             problems.append(
                 f"--train.global_batch_size={train.global_batch_size} is not divisible by world size {world_size} x "
                 f"--train.micro_batch_size={train.micro_batch_size} = {per_step}; choose a global batch that is a "
-                f"multiple of {per_step} or a micro-batch size that divides {train.global_batch_size // world_size or 1}"
+                f"multiple of {per_step} or a micro-batch size that divides "
+                f"{train.global_batch_size // world_size or 1}"
             )
     if train.max_steps < 0 or (train.max_steps == 0 and train.epochs < 1):
-        problems.append(f"--train.max_steps={train.max_steps} / --train.epochs={train.epochs}: give max_steps > 0 or epochs >= 1")
+        problems.append(
+            f"--train.max_steps={train.max_steps} / --train.epochs={train.epochs}: give max_steps > 0 or epochs >= 1"
+        )
     if not 0 <= train.warmup_ratio < 1:
         problems.append(f"--train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
     if config.data.max_length < 8:

@@ -58,10 +58,17 @@ def build_tokenized(data: DataConfig, backbone: LLMBackbone, split: str, packing
     if not rows:
         raise DataError(f"{source}: the dataset is empty; expected at least one example")
     tokenizer = backbone.tokenizer
-    key = hashlib.sha256("|".join([
-        TOKENIZATION_VERSION, digest, backbone.identifier, tokenizer.backend_tokenizer.to_str(),
-        repr(sorted(vars(data).items())),
-    ]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        "|".join(
+            [
+                TOKENIZATION_VERSION,
+                digest,
+                backbone.identifier,
+                tokenizer.backend_tokenizer.to_str(),
+                repr(sorted(vars(data).items())),
+            ]
+        ).encode()
+    ).hexdigest()[:24]
     cache_dir = cache_root() / "tokenized" / key
     if (cache_dir / "dataset_info.json").is_file():
         dataset, from_cache = datasets.load_from_disk(str(cache_dir)), True
@@ -84,8 +91,14 @@ def build_tokenized(data: DataConfig, backbone: LLMBackbone, split: str, packing
             raise DataError(f"{source}: every example is longer than --data.max_length={data.max_length}")
     dataset = dataset.remove_columns("overlong")
     if overlong:
-        log.info("%s: %d of %d examples longer than %d tokens were %s", split, overlong, len(rows), data.max_length,
-                 "dropped" if data.overlong == "drop" else "truncated")
+        log.info(
+            "%s: %d of %d examples longer than %d tokens were %s",
+            split,
+            overlong,
+            len(rows),
+            data.max_length,
+            "dropped" if data.overlong == "drop" else "truncated",
+        )
     if packing if packing is not None else data.packing:
         return pack(dataset, data.max_length, tokenizer.pad_token_id, from_cache, overlong)
     return TokenizedData(dataset.with_format("python"), packed=False, from_cache=from_cache, overlong=overlong)
@@ -129,8 +142,13 @@ def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bo
         flush()
     real = sum(len(ids) for ids in dataset["input_ids"])
     padding = 1.0 - real / (len(rows["input_ids"]) * max_length)
-    log.info("packed %d examples into %d rows of %d tokens; padding fraction %.3f",
-             len(dataset), len(rows["input_ids"]), max_length, padding)
+    log.info(
+        "packed %d examples into %d rows of %d tokens; padding fraction %.3f",
+        len(dataset),
+        len(rows["input_ids"]),
+        max_length,
+        padding,
+    )
     return TokenizedData(datasets.Dataset.from_dict(rows).with_format("python"), True, from_cache, overlong, padding)
 
 
@@ -148,8 +166,11 @@ def collate(examples: list[dict], pad_id: int, layout: str) -> dict[str, torch.T
     if layout == "packed":
         return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
     width = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_id), "labels": torch.full((len(examples), width), IGNORE_INDEX),
-             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_id),
+        "labels": torch.full((len(examples), width), IGNORE_INDEX),
+        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+    }
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])

@@ -44,7 +44,9 @@ def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
             try:
                 rows = json.loads(text)
             except json.JSONDecodeError as error:
-                raise DataError(f"{source}:{error.lineno}: malformed JSON ({error.msg}); expected a list of objects") from None
+                raise DataError(
+                    f"{source}:{error.lineno}: malformed JSON ({error.msg}); expected a list of objects"
+                ) from None
             if not isinstance(rows, list):
                 raise DataError(f"{source}: expected a JSON list of objects, found {type(rows).__name__}")
             for i, row in enumerate(rows):
@@ -58,7 +60,9 @@ def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{source}:{lineno}: malformed JSON line ({error.msg}); expected one JSON object per line") from None
+                raise DataError(
+                    f"{source}:{lineno}: malformed JSON line ({error.msg}); expected one JSON object per line"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{source}:{lineno}: expected a JSON object, found {type(row).__name__}")
             rows.append(row)
@@ -73,8 +77,10 @@ def load_hub_dataset(source: str, split: str) -> tuple[list[dict[str, Any]], str
     try:
         dataset = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise DataError(f"{source}: could not load split '{split}' ({error}); check --data.path / --data.split "
-                        "(offline, give a local file or dataset directory)") from None
+        raise DataError(
+            f"{source}: could not load split '{split}' ({error}); check --data.path / --data.split "
+            "(offline, give a local file or dataset directory)"
+        ) from None
     return dataset.to_list(), f"{source}:{split}:{dataset._fingerprint}"
 
 
@@ -120,8 +126,10 @@ def conversation_turns(row: dict[str, Any], key: str, where: str) -> tuple[list[
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise DataError(f"{where}: wrong role order: message {i + (system is not None)} has role "
-                            f"'{message['role']}', expected '{expected}' (system?, then user/assistant alternating)")
+            raise DataError(
+                f"{where}: wrong role order: message {i + (system is not None)} has role "
+                f"'{message['role']}', expected '{expected}' (system?, then user/assistant alternating)"
+            )
     if len(messages) % 2:
         raise DataError(f"{where}: conversation ends with a user message; expected it to end with an assistant answer")
     turns = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]

@@ -14,34 +14,14 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig
 
-from fsdp.checkpoint import read_checkpoint_meta
-from fsdp.export import DTYPES, TensorSource, export_hf
-
-MODEL_PREFIX = "model."
-
-
-def checkpoint_tensor_sources(checkpoint: Path) -> list[TensorSource]:
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-
-    def fetch(key: str, size: torch.Size, dtype: torch.dtype):
-        def load() -> torch.Tensor:
-            holder = {"model": {key[len(MODEL_PREFIX):]: torch.empty(size, dtype=dtype)}}
-            dcp.load(holder, checkpoint_id=str(checkpoint), no_dist=True)
-            return next(iter(holder["model"].values()))
-
-        return load
-
-    return [(key[len(MODEL_PREFIX):], md.size, fetch(key, md.size, md.properties.dtype))
-            for key, md in metadata.state_dict_metadata.items()
-            if key.startswith(MODEL_PREFIX) and hasattr(md, "size")]
+from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources
+from fsdp.export import DTYPES, export_hf
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb: int) -> None:
-    read_checkpoint_meta(checkpoint)  # refuses incomplete or unreadable checkpoints
+    sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete or unreadable checkpoints
     hf_dir = checkpoint / "hf"
 
     def save_extras(directory: Path) -> None:
@@ -52,7 +32,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb:
         config.dtype = "bfloat16" if dtype == "bf16" else "float32"
         config.save_pretrained(directory)
 
-    export_hf(checkpoint_tensor_sources(checkpoint), out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras)
+    export_hf(sources, out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         export_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size_mb)
-    except ValueError as error:
+    except CheckpointError as error:
         print(f"shardtune export: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint_dir} -> {args.out_dir} ({args.dtype})")

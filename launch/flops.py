@@ -18,8 +18,8 @@ Activation-checkpointing recomputation is not counted: MFU counts model FLOPs, n
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from torch import nn
 
@@ -69,8 +69,9 @@ class FlopCounter:
 
 def build_flop_counter(model: nn.Module) -> FlopCounter:
     """From the unsharded model (meta is fine) after the stage has set `requires_grad`: call it before sharding."""
-    matmul = sum((6 if m.weight.requires_grad else 4) * m.weight.numel()
-                 for m in model.modules() if isinstance(m, nn.Linear))
+    matmul = sum(
+        (6 if m.weight.requires_grad else 4) * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
+    )
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 3 * 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim

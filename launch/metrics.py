@@ -51,8 +51,14 @@ class MetricsWriter:
         if enabled and "wandb" in trackers:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config,
-                                    name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+            self.wandb = wandb.init(
+                project=wandb_project,
+                dir=str(run_dir),
+                config=config,
+                name=run_dir.name,
+                resume="allow",
+                id=_wandb_id(run_dir),
+            )
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (written after the checkpoint a resume starts from)."""
@@ -85,5 +91,13 @@ def _wandb_id(run_dir: Path) -> str:
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """step/total, loss, tokens/s and ETA on rank 0; in a log file (Slurm, CI) one line every 30 s, not per step."""
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=0.1 if interactive else 30.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.1 if interactive else 30.0,
+    )

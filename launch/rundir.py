@@ -17,8 +17,10 @@ def check_run_dir(output_dir: str, overwrite: bool) -> None:
     """Read-only check, safe on every rank before any process group exists."""
     final = Path(output_dir) / "final"
     if final.exists() and not overwrite:
-        raise RunDirError(f"--run.output_dir={output_dir} holds a finished run ({final} exists); choose a new "
-                          "--run.output_dir, or pass --run.overwrite true to replace it")
+        raise RunDirError(
+            f"--run.output_dir={output_dir} holds a finished run ({final} exists); choose a new "
+            "--run.output_dir, or pass --run.overwrite true to replace it"
+        )
 
 
 def prepare_run_dir(output_dir: str, overwrite: bool, config_yaml: str) -> Path:

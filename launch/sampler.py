@@ -10,8 +10,10 @@ import torch
 class GlobalBatchSampler:
     def __init__(self, num_examples: int, global_batch_size: int, seed: int) -> None:
         if num_examples < global_batch_size:
-            raise ValueError(f"{num_examples} training examples cannot fill one global batch of {global_batch_size}; "
-                             "lower --train.global_batch_size or add data")
+            raise ValueError(
+                f"{num_examples} training examples cannot fill one global batch of {global_batch_size}; "
+                "lower --train.global_batch_size or add data"
+            )
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed

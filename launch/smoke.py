@@ -46,7 +46,7 @@ def held_out_prompts(n: int) -> list[tuple[str, str]]:
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     ids = tokenizer(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token), return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def exact_match(model, tokenizer, prompts: list[tuple[str, str]]) -> float:
@@ -70,9 +70,23 @@ def main() -> int:
     base = build_backbone(BACKBONE, inference_mode=True)
     acc_before = exact_match(base.llm, base.tokenizer, prompts)
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "launch.train", "--config", "recipes/tiny-full.yaml", "--run.output_dir", args.output_dir,
-               "--run.overwrite", "true", "--run.resume", "never"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "launch.train",
+        "--config",
+        "recipes/tiny-full.yaml",
+        "--run.output_dir",
+        args.output_dir,
+        "--run.overwrite",
+        "true",
+        "--run.resume",
+        "never",
+    ]
     command += ["--train.max_steps", str(args.max_steps)] if args.max_steps else []
     print("[smoke] " + " ".join(command[2:]), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -84,8 +98,10 @@ def main() -> int:
     records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     prompt, answer = prompts[0]
-    print(f"\n[smoke] held-out prompt: {prompt!r}\n[smoke] expected: {answer!r}  generated from final/: "
-          f"{generate(model, tokenizer, prompt)!r}")
+    print(
+        f"\n[smoke] held-out prompt: {prompt!r}\n[smoke] expected: {answer!r}  generated from final/: "
+        f"{generate(model, tokenizer, prompt)!r}"
+    )
     print(f"[smoke] eval loss     before {evals[0]:.4f}  after {evals[-1]:.4f}")
     print(f"[smoke] exact match   before {acc_before:.1%}  after {acc_after:.1%}  ({len(prompts)} held-out prompts)")
     print(f"[smoke] {time.time() - start:.0f} s in all")

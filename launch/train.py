@@ -13,30 +13,33 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from backbones import HFCausalLLMBackbone, build_backbone
-from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, read_env, teardown
-from fsdp.checkpoint import Checkpointer
+from backbones.weights import WeightsError
+from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, is_rank0, read_env, teardown
+from fsdp.checkpoint import CheckpointError, CheckpointManager, SavePolicy
 from fsdp.export import export_hf, model_tensor_sources
-from fsdp.materialize import load_from_rank0, materialize
+from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
-from launch.config import Config, ConfigError, dump_config, parse_config, validate_config
+from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config, validate_config
 from launch.data import TokenizedData, batch_layout, build_tokenized
 from launch.data_sources import DataError
-from launch.flops import build_flop_counter
+from launch.flops import build_flop_counter, peak_bf16_flops
 from launch.metrics import MetricsWriter, setup_logging
-from launch.optim import decay_parameter_names
+from launch.optim import build_optimizer, build_schedule, decay_parameter_names
 from launch.preemption import EXIT_PREEMPTED, PreemptionHandler
-from launch.resume import ResumeError, checkpoint_identity, select_checkpoint
 from launch.rundir import RunDirError, check_run_dir, prepare_run_dir
+from launch.sampler import GlobalBatchSampler
 from launch.stage import apply_stage
 from launch.step_end import StepEnd
 from launch.trainer import Trainer
@@ -54,10 +57,12 @@ class Prepared:
     train_data: TokenizedData
     eval_data: TokenizedData | None
     attn: str
+    hf_extras: Callable[[Path], None]  # writes config, generation config and tokenizer of an HF directory
+    checkpoints: CheckpointManager
     resume_from: Path | None
 
 
-BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, ResumeError, OSError)
+BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, CheckpointError, WeightsError, OSError)
 
 
 def prepare(argv: list[str], env: DistEnv) -> Prepared:
@@ -66,28 +71,36 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     config = parse_config(argv)
     validate_config(config, env.world_size)
     check_run_dir(config.run.output_dir, config.run.overwrite)
-    attn, attn_line = resolve_attn_implementation(config.model.attn_implementation, env.device,
-                                                  config.fsdp.mixed_precision)
+    attn, attn_line = resolve_attn_implementation(
+        config.model.attn_implementation, env.device, config.fsdp.mixed_precision
+    )
     log.info(attn_line)
-    # build: the backbone on `meta` (tokenizer, config, module tree; no weights yet)
-    backbone = build_model(config, attn, load_weights=False)
+    # build: the backbone on `meta`, once (tokenizer, config, module tree; the weights come after sharding)
+    model = config.model
+    backbone = build_backbone(
+        model.backbone, path=model.path, hf_token_file=model.hf_token_file, attn_implementation=attn, load_weights=False
+    )
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
     train_data = build_tokenized(config.data, backbone, "train")
     eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
     # resume: the newest complete checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
-    return Prepared(config, backbone, train_data, eval_data, attn, select_checkpoint(config))
+    hf_extras = hf_extras_writer(config, backbone)
+    checkpoints = build_checkpoint_manager(config, env, hf_extras)
+    fresh = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
+    resume_from = None if fresh else checkpoints.select(config.run.resume)
+    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
     env = read_env()
-    setup_logging(env.is_rank0)
+    setup_logging(is_rank0())
     # From here on SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary instead of killing the process.
     preemption = PreemptionHandler()
     try:
         prepared = prepare(sys.argv[1:] if argv is None else argv, env)
     except BAD_INPUT as error:
-        if env.is_rank0:
+        if is_rank0():
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     init_distributed(env, cpu_collectives=prepared.config.fsdp.cpu_offload)
@@ -105,72 +118,112 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def build_model(config: Config, attn: str, load_weights: bool):
-    model = config.model
-    return build_backbone(model.backbone, path=model.path, hf_token_file=model.hf_token_file,
-                          attn_implementation=attn, load_weights=load_weights)
-
-
 def has_eval(config: Config) -> bool:
     return config.data.eval_path is not None or config.data.path == "bundled"
 
 
+def config_digest(config: Config) -> str:
+    """Digest of what defines the training trajectory (model, data, train, fsdp), not where it is written."""
+    sections = config_to_dict(config)
+    relevant = {k: sections[k] for k in ("model", "data", "train", "fsdp")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[Path], None]) -> CheckpointManager:
+    identity = {
+        "backbone": config.model.backbone,
+        "stage": config.train.stage,
+        "world_size": env.world_size,
+        "config_digest": config_digest(config),
+    }
+    ckpt = config.checkpoint
+    return CheckpointManager(
+        Path(config.run.output_dir) / "checkpoints",
+        SavePolicy(ckpt.every_steps, ckpt.keep_last, ckpt.async_save),
+        identity,
+        env.device,
+        must_match={"backbone": "--model.backbone", "stage": "--train.stage"},
+        hf_extras=hf_extras,
+    )
+
+
 def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandler | None = None) -> Trainer:
     """Shard, load, train and export; returns the trainer (its sharded model stays usable)."""
-    config, backbone = prepared.config, prepared.backbone
+    config, backbone, checkpoints = prepared.config, prepared.backbone, prepared.checkpoints
     run_dir = Path(config.run.output_dir)
-    if env.is_rank0:
+    if is_rank0():
         prepare_run_dir(config.run.output_dir, config.run.overwrite, dump_config(config))
     barrier()
     torch.manual_seed(config.run.seed)
-    # stage: freeze per recipe, and decide decay groups from unsharded names and shapes
+    # stage: freeze per recipe, and decide decay groups and the FLOP count from unsharded names and shapes
     apply_stage(backbone, config.train.stage)
     decay_names = decay_parameter_names(backbone.llm)
     flops = build_flop_counter(backbone.llm)
     # shard: activation checkpointing -> FSDP2 per decoder layer, then root (still on meta)
-    mesh = build_mesh(env, config.fsdp.sharding)
-    model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, config.fsdp, mesh,
-                              backbone.half_precision_dtype)
+    fsdp = config.fsdp
+    model = apply_parallelism(
+        backbone.llm,
+        backbone.transformer_layer_cls,
+        build_mesh(env, fsdp.sharding),
+        param_dtype=backbone.half_precision_dtype if fsdp.mixed_precision == "bf16" else None,
+        activation_checkpointing=fsdp.activation_checkpointing,
+        cpu_offload=fsdp.cpu_offload,
+        reshard_after_forward=fsdp.sharding not in ("grad-op", "none"),
+        unsharded_grad_accumulation=fsdp.unsharded_grad_accumulation,
+    )
     # materialise: allocate this rank's shards; recompute buffers no state dict carries (rotary inv_freq)
     materialize(model, env.device)
     backbone.init_non_persistent_buffers()
-    metrics = MetricsWriter(run_dir, config.run.trackers, config_dict(config), env.is_rank0, config.run.wandb_project)
-    trainer = Trainer(config, env, model, decay_names, prepared.train_data, prepared.eval_data,
-                      backbone.tokenizer.pad_token_id, metrics, batch_layout(config.data.packing, prepared.attn), flops)
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, config.checkpoint.async_save,
-                                env.device)
-    if prepared.resume_from is not None:
-        # load: model, optimizer and trainer state from the checkpoint (DCP reshards to this world size)
-        trainer.load_state_dict(checkpointer.load(prepared.resume_from, model, trainer.optimizer))
+    train = config.train
+    sampler = GlobalBatchSampler(len(prepared.train_data.dataset), train.global_batch_size, config.run.seed)
+    total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
+    optimizer = build_optimizer(model, decay_names, train)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+    metrics = MetricsWriter(run_dir, config.run.trackers, config_to_dict(config), is_rank0(), config.run.wandb_project)
+    trainer = Trainer(
+        train,
+        env,
+        model,
+        optimizer,
+        build_schedule(optimizer, train, total_steps),
+        sampler,
+        total_steps,
+        prepared.train_data,
+        prepared.eval_data,
+        backbone.tokenizer.pad_token_id,
+        metrics,
+        batch_layout(config.data.packing, prepared.attn),
+        flops,
+        peak,
+    )
+    # load: the checkpoint rank 0 chose (model, optimizer, trainer state), or rank 0 reads the pretrained weights one
+    # tensor at a time and every rank keeps its shards of each broadcast
+    state = checkpoints.load(model, optimizer, prepared.resume_from, backbone.pretrained_weights)
+    if state is not None:
+        trainer.load_state_dict(state)
         metrics.truncate_after(trainer.step)
-    else:
-        # load: rank 0 reads the pretrained weights, every rank receives its shards by broadcast
-        full = build_model(config, prepared.attn, load_weights=True).llm if env.is_rank0 else None
-        load_from_rank0(model, full)
-        del full
-    step_end = StepEnd(config.checkpoint, checkpointer, preemption or PreemptionHandler(), env, run_dir,
-                       checkpoint_identity(config, env.world_size), hf_extras_writer(config, backbone))
-    log.info("training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
-             trainer.total_steps, config.train.global_batch_size, env.world_size, config.train.micro_batch_size,
-             config.train.global_batch_size // (env.world_size * config.train.micro_batch_size))
+    log.info(
+        "training %d steps: global batch %d = %d ranks x micro-batch %d x %d accumulation steps",
+        trainer.total_steps,
+        train.global_batch_size,
+        env.world_size,
+        train.micro_batch_size,
+        train.global_batch_size // (env.world_size * train.micro_batch_size),
+    )
     try:
-        trainer.fit(step_end)
-        checkpointer.finish()
+        trainer.fit(StepEnd(checkpoints, preemption or PreemptionHandler(), run_dir))
+        checkpoints.finish()
     finally:
         metrics.close()
     if trainer.step < trainer.total_steps:
         raise Preempted(trainer.step)
-    export_final(config, backbone, model, run_dir / "final", env.is_rank0)
+    export_final(config, model, run_dir / "final", prepared.hf_extras)
     log.info("done: %s", run_dir / "final")
     return trainer
 
 
 class Preempted(Exception):
     """Training stopped at a step boundary after a checkpoint, on a signal."""
-
-
-def config_dict(config: Config) -> dict:
-    return yaml.safe_load(dump_config(config))
 
 
 def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
@@ -190,10 +243,16 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
     return save_extras
 
 
-def export_final(config: Config, backbone, model, out_dir: Path, is_rank0: bool) -> None:
+def export_final(config: Config, model, out_dir: Path, hf_extras: Callable[[Path], None]) -> None:
     """final/: a Hugging Face directory in `export.dtype` that plain transformers loads."""
-    export_hf(model_tensor_sources(model), out_dir, config.export.dtype, config.export.max_shard_size_mb,
-              write=is_rank0, save_extras=hf_extras_writer(config, backbone))
+    export_hf(
+        model_tensor_sources(model),
+        out_dir,
+        config.export.dtype,
+        config.export.max_shard_size_mb,
+        write=is_rank0(),
+        save_extras=hf_extras,
+    )
 
 
 if __name__ == "__main__":

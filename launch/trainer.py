@@ -1,24 +1,23 @@
-"""The training loop: token-normalised loss over the whole global batch, gradient accumulation with one gradient sync
-per step, global gradient-norm clipping, periodic evaluation, metrics. Uses only the verbs of `fsdp`."""
+"""The training loop: token-normalised loss over the whole global batch, gradient accumulation with sharded gradients,
+global gradient-norm clipping, periodic evaluation, metrics. Uses only the verbs of `fsdp`."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, set_gradient_sync
-from launch.config import Config
+from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
+from launch.config import TrainConfig
 from launch.data import IGNORE_INDEX, TokenizedData, collate
-from launch.flops import FlopCounter, peak_bf16_flops
+from launch.flops import FlopCounter
 from launch.metrics import MetricsWriter, progress_bar
-from launch.optim import build_optimizer, build_schedule
 from launch.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
@@ -28,8 +27,12 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor | int]) -> to
     """Sum (not mean) of next-token cross-entropy over supervised tokens, in fp32."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -38,32 +41,27 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class Trainer:
-    config: Config
+    """The loop and what it uses; everything is built by the caller (`launch.train`)."""
+
+    train: TrainConfig
     env: DistEnv
     model: nn.Module
-    decay_names: set[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: GlobalBatchSampler
+    total_steps: int
     train_data: TokenizedData
     eval_data: TokenizedData | None
     pad_id: int
     metrics: MetricsWriter
     layout: str = "padded"  # padded | packed | flat (see launch.data.collate)
     flops: FlopCounter | None = None
-
-    def __post_init__(self) -> None:
-        train = self.config.train
-        self.sampler = GlobalBatchSampler(len(self.train_data.dataset), train.global_batch_size, self.config.run.seed)
-        self.total_steps = train.max_steps or train.epochs * self.sampler.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, self.decay_names, train)
-        self.scheduler = build_schedule(self.optimizer, train, self.total_steps)
-        self.step = 0  # optimizer steps completed
-        self.peak_flops = None
-        if self.env.device.type == "cuda":
-            self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(self.env.device))
+    peak_flops: float | None = None  # dense bf16 peak of one device: MFU is logged when known
+    step: int = field(default=0, init=False)  # optimizer steps completed
 
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a resume needs; identical on every rank."""
-        epoch, offset = self.sampler.position(self.step)
-        return {"step": self.step, "epoch": epoch, "offset": offset, "scheduler": self.scheduler.state_dict()}
+        return {"step": self.step, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -75,18 +73,19 @@ class Trainer:
         layout = self.layout if self.layout == "flat" or data.packed else "padded"
         batch = collate(examples, self.pad_id, layout)
         lengths = [n for e in examples for n in (e.get("lengths") or [len(e["input_ids"])])]
-        return {k: v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, lengths
+        device = self.env.device
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, lengths
 
     def train_step(self) -> dict:
         """One optimizer step over this rank's share of global batch `self.step`."""
         start = time.perf_counter()
-        train = self.config.train
-        micro = self.sampler.micro_batches(self.step, self.env.rank, self.env.world_size, train.micro_batch_size)
+        micro = self.sampler.micro_batches(self.step, self.env.rank, self.env.world_size, self.train.micro_batch_size)
         batches, lengths = zip(*(self.batch(self.train_data, indices) for indices in micro))
         local_tokens = sum(supervised_tokens(b) for b in batches)
         # Tokens the model processed: non-padding positions, or whole rows when packed.
-        local_inputs = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                           for b in batches)
+        local_inputs = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+        )
         local_flops = self.flops.step_flops(n for group in lengths for n in group) if self.flops else 0.0
         tokens, inputs, flops = all_reduce_sum([local_tokens, local_inputs, local_flops], self.env.device)
         loss_sum = torch.zeros((), device=self.env.device)
@@ -97,7 +96,7 @@ class Trainer:
             # step's gradient is that of (all token losses of the global batch) / (all its supervised tokens).
             (loss / max(tokens, 1.0)).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -105,9 +104,17 @@ class Trainer:
         (total_loss,) = all_reduce_sum([float(loss_sum)], self.env.device)
         self.step += 1
         elapsed = time.perf_counter() - start
-        record = {"step": self.step, "epoch": self.sampler.position(self.step - 1)[0], "loss": total_loss / max(tokens, 1.0),
-                  "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "input_tokens": int(inputs),
-                  "tokens_per_s": inputs / elapsed, "step_time_s": elapsed}
+        record = {
+            "step": self.step,
+            "epoch": self.sampler.position(self.step - 1)[0],
+            "loss": total_loss / max(tokens, 1.0),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(tokens),
+            "input_tokens": int(inputs),
+            "tokens_per_s": inputs / elapsed,
+            "step_time_s": elapsed,
+        }
         if flops:
             record["tflops"] = flops / elapsed / self.env.world_size / 1e12  # per device
             if self.peak_flops:
@@ -120,7 +127,7 @@ class Trainer:
         forward passes (FSDP gathers are collectives); a rank with no examples left runs a fully masked batch."""
         data = self.eval_data
         self.model.eval()
-        mb, n = self.config.train.micro_batch_size, len(data.dataset)
+        mb, n = self.train.micro_batch_size, len(data.dataset)
         per_round = mb * self.env.world_size
         loss_sum, token_sum = 0.0, 0
         for start in range(0, n, per_round):
@@ -135,10 +142,10 @@ class Trainer:
         total_loss, total_tokens = all_reduce_sum([loss_sum, token_sum], self.env.device)
         return total_loss / max(total_tokens, 1.0)
 
-    def fit(self, on_step_end: Callable[["Trainer"], bool] | None = None) -> None:
+    def fit(self, on_step_end: Callable[[Trainer], bool] | None = None) -> None:
         """Train to `total_steps`. `on_step_end` (checkpointing, signals) returns True to stop early."""
-        eval_every = self.config.train.eval_every
-        bar = progress_bar(self.total_steps, self.step, self.env.is_rank0)
+        eval_every = self.train.eval_every
+        bar = progress_bar(self.total_steps, self.step, is_rank0())
         if self.eval_data is not None and self.step == 0:
             self.log_eval()
         while self.step < self.total_steps:

@@ -3,6 +3,7 @@ multi-process runs (torchrun, gloo on CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,22 +30,64 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def process_group():
+    """A one-process gloo group in this pytest process: the fast tier tests collectives' code paths in-process."""
+    from fsdp import init_distributed, read_env, teardown
+
+    env = read_env()
+    init_distributed(env)
+    yield env
+    teardown()
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(tiny_dir):
     from backbones import build_backbone
 
     return build_backbone("llama2-tiny-chat")
 
 
-def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
-            torchrun_args: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m launch.train ARGS` (nproc=0) or `torchrun --nproc_per_node N -m launch.train ARGS`."""
+def launch_command(
+    args: list[str], nproc: int = 1, script: str | None = None, torchrun_args: list[str] | None = None
+) -> list[str]:
+    """The one way tests start shardtune: `python -m launch.train ARGS` (nproc=0) or `torchrun --nproc_per_node N`;
+    `script` runs a driver from tests/scripts/ instead of launch.train."""
+    target = [str(ROOT / "tests" / "scripts" / script)] if script else ["-m", "launch.train"]
     if nproc == 0:
-        command = [sys.executable, "-m", "launch.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   *(torchrun_args or ["--standalone"]), "-m", "launch.train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        *(torchrun_args or ["--standalone"]),
+        *target,
+        *args,
+    ]
+
+
+def launch_env(env: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def run_cli(
+    args: list[str],
+    nproc: int = 1,
+    env: dict | None = None,
+    timeout: int = 300,
+    torchrun_args: list[str] | None = None,
+    script: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `launch_command(...)` to completion, capturing its output."""
+    return subprocess.run(
+        launch_command(args, nproc, script, torchrun_args),
+        cwd=ROOT,
+        env=launch_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -61,21 +104,15 @@ def load_final(run_dir: Path) -> dict:
 
 
 TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "0"]
-
-
-# fp32 end to end with a small global batch: the configuration the exactness tests compare runs in.
-FP32_SMALL = [*TINY, "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--train.global_batch_size", "8",
-              "--train.micro_batch_size", "2", "--train.lr", "1e-3"]
+# fp32 end to end: the exactness tests compare runs in it.
+FP32 = ["--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32"]
+# ... with a small global batch.
+FP32_SMALL = [*TINY, *FP32, "--train.global_batch_size", "8", "--train.micro_batch_size", "2", "--train.lr", "1e-3"]
 
 
 def ok(result):
     assert result.returncode == 0, result.stderr[-4000:]
     return result
-
-
-def torchrun_command(args: list[str], nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "launch.train", *args]
 
 
 def metrics_steps(run_dir) -> list[int]:
@@ -89,7 +126,12 @@ def metrics_steps(run_dir) -> list[int]:
 def reference_run(tmp_path_factory):
     """An uninterrupted 2-process run: 48 steps, checkpoints every 4 (the newest 2 kept)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    ok(run_cli([*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)], nproc=2))
+    ok(
+        run_cli(
+            [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)],
+            nproc=2,
+        )
+    )
     return out
 
 
@@ -114,17 +156,16 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(pid: int, sig: int) -> None:
     """Send `sig` to `pid` and all its descendants at once (SIGKILL: nothing gets to clean up)."""
     for target in [pid, *descendants(pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(target, sig)
-        except ProcessLookupError:
-            pass
 
 
 def interrupt_with_sigterm(args: list[str], out: Path, min_step: int, log: Path) -> int:
     """Run `python -m launch.train ARGS` (one process) and SIGTERM it once `min_step` steps are logged; returns its
     exit status (75 when it saved a checkpoint and stopped)."""
-    job = subprocess.Popen([sys.executable, "-m", "launch.train", *args], cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    job = subprocess.Popen(
+        launch_command(args, nproc=0), cwd=ROOT, env=launch_env(), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     deadline = time.time() + 120
     while time.time() < deadline and max(metrics_steps(out) or [0]) < min_step and job.poll() is None:
         time.sleep(0.01)

@@ -35,22 +35,55 @@ def _attend(q, k, v, cu_q, cu_k, causal: bool, scale: float | None) -> torch.Ten
 
 
 # ---- flash-attn 2.x API (signatures as in flash_attn/flash_attn_interface.py: transformers inspects them) ----
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     CALLS["flash_attn_varlen_func"] += 1
     assert tuple(window_size) == (-1, -1) and not softcap and alibi_slopes is None and dropout_p == 0.0
     return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """[batch, tokens, heads, dim]: every row one sequence (plain causal rows, as the real kernel does)."""
     CALLS["flash_attn_func"] += 1
     batch, q_len = q.shape[:2]
     cu = torch.arange(batch + 1) * q_len
-    flat = _attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, torch.arange(batch + 1) * k.shape[1],
-                   causal, softmax_scale)
+    flat = _attend(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        cu,
+        torch.arange(batch + 1) * k.shape[1],
+        causal,
+        softmax_scale,
+    )
     return flat.view_as(q)
 
 
@@ -79,8 +112,23 @@ def install_flash_attn(monkeypatch) -> None:
 
 
 # ---- torch.nn.attention.varlen.varlen_attn, in the signatures torch has had ----
-def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def varlen_attn_2_11(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch >= 2.11: `window_size` (default (-1, -1), i.e. NOT causal) and `enable_gqa`."""
     CALLS["varlen_attn"] += 1
     if not enable_gqa and query.shape[1] != key.shape[1]:
@@ -91,8 +139,7 @@ def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     return _attend(query, key, value, cu_seq_q, cu_seq_k, is_causal, scale)
 
 
-def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None,
-                     scale=None):
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
     """torch 2.10: an `is_causal` flag and no grouped-query support."""
     CALLS["varlen_attn"] += 1
     if query.shape[1] != key.shape[1]:

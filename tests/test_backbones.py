@@ -54,7 +54,10 @@ def test_tiny_backbone_pads_vocab_to_64_and_sets_pad_id(tiny_backbone):
     assert llm.get_input_embeddings().weight.shape[0] == llm.config.vocab_size
     assert llm.get_output_embeddings().weight.shape[0] == llm.config.vocab_size
     assert [m for m in tiny_backbone.last_layer_finetune_modules] == [
-        llm.model.embed_tokens, llm.model.layers[-1], llm.lm_head]
+        llm.model.embed_tokens,
+        llm.model.layers[-1],
+        llm.lm_head,
+    ]
     assert tiny_backbone.embed_dim == llm.config.hidden_size
 
 
@@ -79,7 +82,9 @@ def test_building_the_tiny_model_twice_gives_identical_bytes(tmp_path):
     digests = []
     for name in ("a", "b"):
         save_tiny(tmp_path / name)
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())})
+        digests.append(
+            {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / name).iterdir())}
+        )
     assert digests[0] == digests[1] and "model.safetensors" in digests[0] and "tokenizer.json" in digests[0]
 
 

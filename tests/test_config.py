@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
-
+import torch
 from conftest import ROOT, TINY, run_cli
-from launch.config import ConfigError, dump_config, parse_config, validate_config
+
+from fsdp import DistEnv
+from launch.config import ConfigError, config_to_dict, dump_config, parse_config, validate_config
+from launch.train import BAD_INPUT, prepare
+
+
+def cpu_env(world_size: int) -> DistEnv:
+    """Rank 0 of `world_size` CPU processes, as `read_env` sees it under torchrun (no process group is needed)."""
+    return DistEnv(0, world_size, 0, world_size, torch.device("cpu"), "gloo")
 
 
 def test_precedence_is_defaults_then_recipe_then_cli(tmp_path):
@@ -18,8 +26,18 @@ def test_precedence_is_defaults_then_recipe_then_cli(tmp_path):
 
 
 def test_validation_reports_every_problem_with_value_choices_and_flag():
-    config = parse_config(["--train.stage", "lora", "--fsdp.sharding", "zero9", "--train.global_batch_size", "6",
-                           "--train.micro_batch_size", "4"])
+    config = parse_config(
+        [
+            "--train.stage",
+            "lora",
+            "--fsdp.sharding",
+            "zero9",
+            "--train.global_batch_size",
+            "6",
+            "--train.micro_batch_size",
+            "4",
+        ]
+    )
     with pytest.raises(ConfigError) as error:
         validate_config(config, world_size=2)
     message = str(error.value)
@@ -28,30 +46,49 @@ def test_validation_reports_every_problem_with_value_choices_and_flag():
     assert "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=4" in message
 
 
-def test_saved_config_round_trips():
-    config = parse_config(["--train.lr", "0.125", "--run.trackers", "[jsonl,wandb]"])
-    assert "lr: 0.125" in dump_config(config) and "wandb" in dump_config(config)
+def test_saved_config_parses_back_to_the_same_config(tmp_path):
+    config = parse_config(["--train.lr", "0.125", "--run.trackers", "[jsonl,wandb]", "--data.packing", "true"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(config))
+    assert parse_config(["--config", str(saved)]) == config
+    assert config_to_dict(config)["train"]["lr"] == 0.125
 
 
 REFUSALS = {
     "unknown_backbone": (["--model.backbone", "llama9-7b"], "--model.backbone=llama9-7b is unknown; valid ids:"),
     "unknown_stage": (["--train.stage", "lora"], "--train.stage=lora is not valid; choose one of full, last-layer"),
-    "batch_not_divisible": (["--train.global_batch_size", "6", "--train.micro_batch_size", "2"],
-                            "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=2"),
+    "batch_not_divisible": (
+        ["--train.global_batch_size", "6", "--train.micro_batch_size", "2"],
+        "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=2",
+    ),
     "max_length_too_long": (["--data.max_length", "4096"], "--data.max_length=4096 exceeds llama2-tiny-chat's context"),
-    "missing_data_path": (["--data.path", "/nonexistent/train.jsonl"], "--data.path=/nonexistent/train.jsonl: no such file"),
-    "flash_attention_on_cpu": (["--model.attn_implementation", "flash_attention_2"],
-                               "--model.attn_implementation=flash_attention_2 cannot be used"),
+    "missing_data_path": (
+        ["--data.path", "/nonexistent/train.jsonl"],
+        "--data.path=/nonexistent/train.jsonl: no such file",
+    ),
+    "flash_attention_on_cpu": (
+        ["--model.attn_implementation", "flash_attention_2"],
+        "--model.attn_implementation=flash_attention_2 cannot be used",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_bad_run_is_refused_on_all_ranks_before_training(case, tmp_path):
+def test_bad_run_is_refused_before_anything_is_written(case, tmp_path):
     args, message = REFUSALS[case]
     out = tmp_path / "run"
-    result = run_cli([*TINY, "--run.output_dir", str(out), *args], nproc=2, timeout=120)
+    with pytest.raises(BAD_INPUT) as error:
+        prepare([*TINY, "--run.output_dir", str(out), *args], cpu_env(2))
+    assert message in str(error.value)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_refused_run_exits_on_every_rank_and_says_so_once(tmp_path):
+    out = tmp_path / "run"
+    message = "--train.stage=lora is not valid"
+    result = run_cli([*TINY, "--run.output_dir", str(out), "--train.stage", "lora"], nproc=2, timeout=120)
     assert result.returncode != 0
-    assert message in result.stderr
     assert result.stderr.count(message) == 1  # said once, by rank 0
     assert not out.exists()  # refused before anything was written
 
@@ -62,16 +99,20 @@ def test_finished_run_directory_is_refused_and_left_intact(tmp_path):
     (out / "final" / "model.safetensors").write_bytes(b"weights")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    result = run_cli([*TINY, "--run.output_dir", str(out)], nproc=2, timeout=120)
-    assert result.returncode != 0 and "holds a finished run" in result.stderr and "--run.overwrite" in result.stderr
+    with pytest.raises(BAD_INPUT) as error:
+        prepare([*TINY, "--run.output_dir", str(out)], cpu_env(2))
+    assert "holds a finished run" in str(error.value) and "--run.overwrite" in str(error.value)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_finished_run(tmp_path):
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    result = run_cli([*TINY, "--train.max_steps", "1", "--run.output_dir", str(out), "--run.overwrite", "true"], nproc=1)
+    result = run_cli(
+        [*TINY, "--train.max_steps", "1", "--run.output_dir", str(out), "--run.overwrite", "true"], nproc=1
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
 
@@ -84,8 +125,9 @@ def test_every_shipped_recipe_parses_and_validates(recipe, tmp_path):
     validate_config(config, world_size=1 if recipe.startswith("tiny") else 8)
 
 
-@pytest.mark.parametrize("backbone", ["llama2-7b-pure", "llama2-7b-chat", "llama2-13b-chat", "vicuna-v15-7b",
-                                      "vicuna-v15-13b"])
+@pytest.mark.parametrize(
+    "backbone", ["llama2-7b-pure", "llama2-7b-chat", "llama2-13b-chat", "vicuna-v15-7b", "vicuna-v15-13b"]
+)
 def test_llama2_and_vicuna_ids_accept_their_4096_token_context(backbone):
     validate_config(parse_config(["--model.backbone", backbone, "--data.max_length", "4096"]), world_size=1)
     with pytest.raises(ConfigError, match=f"--data.max_length=4097 exceeds {backbone}'s context of 4096 tokens"):

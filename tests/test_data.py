@@ -27,7 +27,9 @@ def chat(*pairs, system=None):
 
 
 def test_packed_rows_give_each_example_its_own_logits(tiny_backbone):
-    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone, "train")
+    data = build_tokenized(
+        DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone, "train"
+    )
     assert data.packed and 0.0 <= data.padding_fraction < 0.5
     model = tiny_backbone.llm.eval()
     rows = [data.dataset[i] for i in range(3)]
@@ -67,7 +69,9 @@ def test_sampler_gives_the_same_global_batches_for_any_world_size_and_micro_batc
             for micro in (1, 2, global_batch // world):
                 if (global_batch // world) % micro:
                     continue
-                seen = [i for rank in range(world) for mb in sampler.micro_batches(step, rank, world, micro) for i in mb]
+                seen = [
+                    i for rank in range(world) for mb in sampler.micro_batches(step, rank, world, micro) for i in mb
+                ]
                 assert seen == reference, (step, world, micro)
     epoch0 = [i for s in range(sampler.steps_per_epoch) for i in sampler.global_batch(s)]
     assert len(set(epoch0)) == len(epoch0)  # no example twice within an epoch
@@ -96,8 +100,11 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_backbone, t
 
 def test_alpaca_and_text_formats_with_field_overrides(tiny_backbone, tmp_path):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"q": "Add the two numbers.", "ctx": "2 3", "a": "5"}])
-    data = build_tokenized(DataConfig(path=alpaca, format="alpaca", instruction_field="q", input_field="ctx",
-                                      output_field="a"), tiny_backbone, "train")
+    data = build_tokenized(
+        DataConfig(path=alpaca, format="alpaca", instruction_field="q", input_field="ctx", output_field="a"),
+        tiny_backbone,
+        "train",
+    )
     ids, labels = data.dataset[0]["input_ids"], data.dataset[0]["labels"]
     supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert tiny_backbone.tokenizer.decode(supervised) == "5 </s>"
@@ -117,12 +124,19 @@ def test_parquet_and_json_files_load(tiny_backbone, tmp_path):
 
 
 BAD = {
-    "malformed_json_line": ([chat(("a", "b")), '{"messages": [', chat(("a", "b"))], "chat", r"d\.jsonl:2: malformed JSON"),
+    "malformed_json_line": (
+        [chat(("a", "b")), '{"messages": [', chat(("a", "b"))],
+        "chat",
+        r"d\.jsonl:2: malformed JSON",
+    ),
     "missing_field": ([{"instruction": "x"}], "alpaca", r"d\.jsonl:1: missing field 'output'"),
     "missing_messages": ([{"text": "x"}], "chat", r"d\.jsonl:1: missing field 'messages'"),
     "empty_conversation": ([{"messages": []}], "chat", r"d\.jsonl:1: empty conversation"),
-    "wrong_role_order": ([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}],
-                         "chat", r"d\.jsonl:1: wrong role order: message 0 has role 'assistant', expected 'user'"),
+    "wrong_role_order": (
+        [{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}],
+        "chat",
+        r"d\.jsonl:1: wrong role order: message 0 has role 'assistant', expected 'user'",
+    ),
     "ends_with_user": ([{"messages": [{"role": "user", "content": "y"}]}], "chat", r"d\.jsonl:1: .*ends with a user"),
     "empty_dataset": ([], "chat", r"d\.jsonl: the dataset is empty"),
 }

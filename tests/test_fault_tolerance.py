@@ -7,15 +7,27 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    FP32_SMALL,
+    ROOT,
+    assert_runs_match,
+    descendants,
+    interrupt_with_sigterm,
+    launch_command,
+    launch_env,
+    load_final,
+    metrics_steps,
+    ok,
+    read_metrics,
+    run_cli,
+)
 
-from conftest import (FP32_SMALL, ROOT, assert_runs_match, descendants, interrupt_with_sigterm, load_final, metrics_steps, ok, read_metrics,
-                      run_cli)
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -27,15 +39,17 @@ def free_port() -> int:
 def test_elastic_restart_after_a_killed_worker_completes_with_identical_weights(reference_run, tmp_path):
     out = tmp_path / "run"
     args = [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--max-restarts", "2", "--monitor-interval", "0.5", "-m", "launch.train", *args]
+    command = launch_command(
+        args, 2, torchrun_args=["--standalone", "--max-restarts", "2", "--monitor-interval", "0.5"]
+    )
     log = tmp_path / "torchrun.log"  # a file, not a pipe: nobody reads a pipe while the job runs
-    job = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           stdout=log.open("w"), stderr=subprocess.STDOUT)
+    job = subprocess.Popen(command, cwd=ROOT, env=launch_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    while time.time() < deadline and not ((out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 6):
+    while time.time() < deadline and not (
+        (out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 6
+    ):
         time.sleep(0.01)
-    workers = [pid for pid in descendants(job.pid) if "launch.train" in open(f"/proc/{pid}/cmdline").read()]
+    workers = [pid for pid in descendants(job.pid) if "launch.train" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert workers, "no worker found to kill"
     os.kill(workers[-1], signal.SIGKILL)
     job.wait(timeout=300)
@@ -47,17 +61,36 @@ def test_elastic_restart_after_a_killed_worker_completes_with_identical_weights(
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def run_nodes(args: list[str], nnodes: int, nproc: int, logs: Path, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def run_nodes(
+    args: list[str], nnodes: int, nproc: int, logs: Path, timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
     """`nnodes` torchrun agents on this machine meeting in one c10d rendezvous on 127.0.0.1."""
     endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agents = []
+    rendezvous = [
+        "--nnodes",
+        str(nnodes),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        endpoint,
+        "--rdzv_id",
+        "shardtune-test",
+    ]
     for node in range(nnodes):
         log = (logs / f"node{node}.log").open("w")  # files, not pipes: both agents run while we wait on one
-        agents.append((subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
-             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "shardtune-test",
-             "-m", "launch.train", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        agents.append(
+            (
+                subprocess.Popen(
+                    launch_command(args, nproc, torchrun_args=rendezvous),
+                    cwd=ROOT,
+                    env=launch_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     results = []
     for agent, log in agents:
         agent.wait(timeout=timeout)
@@ -82,8 +115,12 @@ def test_two_torchrun_nodes_train_like_one_node(one_node_run, tmp_path):
 
 def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_path):
     out = tmp_path / "run"
-    results = run_nodes([*FP32_SMALL, "--train.max_steps", "6", "--fsdp.sharding", "hybrid",
-                         "--run.output_dir", str(out)], 2, 2, tmp_path)
+    results = run_nodes(
+        [*FP32_SMALL, "--train.max_steps", "6", "--fsdp.sharding", "hybrid", "--run.output_dir", str(out)],
+        2,
+        2,
+        tmp_path,
+    )
     for result in results:
         ok(result)
     assert any("mesh (2, 2)" in r.stderr for r in results)  # replicate across 2 nodes x shard within 2 processes
@@ -102,4 +139,5 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes(reference_ru
     ok(run_cli(args, nproc=0))
     assert not (out / "preempted").exists() and metrics_steps(out) == list(range(1, 49))
     assert [r["loss"] for r in read_metrics(out)[0]] == pytest.approx(
-        [r["loss"] for r in read_metrics(reference_run)[0]], abs=1e-5)
+        [r["loss"] for r in read_metrics(reference_run)[0]], abs=1e-5
+    )

@@ -4,15 +4,11 @@ micro-batch of several rows, packed or not, must get exactly the logits it gets 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-import torch
-
 import standins
-from conftest import ROOT, TINY, ok, read_metrics, run_cli
+import torch
+from conftest import FP32, TINY, ok, read_metrics, run_cli
+
 from launch.config import DataConfig
 from launch.data import batch_layout, build_tokenized, collate
 
@@ -45,8 +41,9 @@ def segments(batch) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("kernel_model", KERNELS, indirect=True)
 def test_every_example_of_a_flash_micro_batch_gets_its_own_logits(kernel_model, tiny_backbone, packing):
     kernel, model, reference = kernel_model
-    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=packing), tiny_backbone,
-                           "train")
+    data = build_tokenized(
+        DataConfig(path="bundled", format="chat", max_length=96, packing=packing), tiny_backbone, "train"
+    )
     examples = [data.dataset[i] for i in range(4)]  # a micro-batch of 4 rows
     batch = collate(examples, tiny_backbone.tokenizer.pad_token_id, batch_layout(packing, kernel))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one flattened row, no padding
@@ -65,19 +62,21 @@ def test_every_example_of_a_flash_micro_batch_gets_its_own_logits(kernel_model, 
 def test_transformers_flash_path_attends_across_packed_examples_of_a_multi_row_batch(kernel_model, tiny_backbone):
     """Why shardtune flattens: packed rows [4, L] with restarting position ids reach FA2 as plain causal rows."""
     _, model, reference = kernel_model
-    data = build_tokenized(DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone,
-                           "train")
+    data = build_tokenized(
+        DataConfig(path="bundled", format="chat", max_length=96, packing=True), tiny_backbone, "train"
+    )
     rows = collate([data.dataset[i] for i in range(4)], tiny_backbone.tokenizer.pad_token_id, "packed")
     with torch.no_grad():
         logits = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits
         first, second = data.dataset[0]["lengths"][:2]
-        alone = reference(input_ids=rows["input_ids"][:1, first:first + second], use_cache=False).logits
-    assert (logits[0, first:first + second] - alone[0]).abs().max() > 0.1
+        alone = reference(input_ids=rows["input_ids"][:1, first : first + second], use_cache=False).logits
+    assert (logits[0, first : first + second] - alone[0]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("signature", sorted(standins.VARLEN_SIGNATURES))
-def test_varlen_adapter_is_causal_and_grouped_query_aware_for_each_torch_signature(monkeypatch, tiny_backbone,
-                                                                                   signature):
+def test_varlen_adapter_is_causal_and_grouped_query_aware_for_each_torch_signature(
+    monkeypatch, tiny_backbone, signature
+):
     """torch 2.10 takes is_causal; 2.11+ take window_size, whose default is not causal; GQA needs enable_gqa or repeated
     K/V. The tiny model has 4 query and 2 key/value heads."""
     from backbones import build_backbone
@@ -93,15 +92,18 @@ def test_varlen_adapter_is_causal_and_grouped_query_aware_for_each_torch_signatu
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def run_with_standins(kernel: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / "tests" / "scripts" / "train_with_standins.py"), kernel, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-FP32_PACKED = [*TINY, "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--data.packing", "true",
-               "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", "4"]
+FP32_PACKED = [
+    *TINY,
+    *FP32,
+    "--data.packing",
+    "true",
+    "--train.global_batch_size",
+    "8",
+    "--train.micro_batch_size",
+    "4",
+    "--train.max_steps",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,13 @@ def test_short_training_on_each_flash_path_matches_sdpa(sdpa_run, tmp_path, kern
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    result = ok(run_with_standins(kernel, [*FP32_PACKED, "--model.attn_implementation", kernel,
-                                           "--run.output_dir", str(out)]))
+    result = ok(
+        run_cli(
+            [kernel, *FP32_PACKED, "--model.attn_implementation", kernel, "--run.output_dir", str(out)],
+            nproc=2,
+            script="train_with_standins.py",
+        )
+    )
     assert f"attention: {kernel} (requested), padding-free batches" in result.stderr
     expected, got = read_metrics(sdpa_run)[0], read_metrics(out)[0]
     assert [r["tokens"] for r in got] == [r["tokens"] for r in expected]

@@ -43,11 +43,24 @@ def test_last_layer_stage_counts_4_flops_for_frozen_weights(llama7b):
     assert full / counter.matmul_per_token == pytest.approx(1.463, abs=1e-3)  # what 6N overstated
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
-    ("NVIDIA H200 NVL", 835), ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312),
-    ("NVIDIA A100-PCIE-40GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
-    ("NVIDIA GeForce RTX 4090", None), ("NVIDIA A10G", None), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100-PCIE-40GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L4", 121),
+        ("NVIDIA GeForce RTX 4090", None),
+        ("NVIDIA A10G", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_is_looked_up_by_the_exact_device(name, tflops):
     assert peak_bf16_flops(name) == (tflops * 1e12 if tflops else None)

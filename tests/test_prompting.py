@@ -45,9 +45,14 @@ def test_llama2_chat_system_block_uses_metas_two_angle_brackets():
 
 
 def test_vicuna_default_system_prompt_is_fastchats():
-    assert VicunaV15PromptBuilder("x").build(TURNS[:1]).text.startswith(
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions. USER: ")
+    assert (
+        VicunaV15PromptBuilder("x")
+        .build(TURNS[:1])
+        .text.startswith(
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+            "detailed, and polite answers to the user's questions. USER: "
+        )
+    )
 
 
 @pytest.mark.parametrize("system", [None, SYSTEM])

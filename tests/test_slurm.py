@@ -16,12 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, load_final, metrics_steps, ok, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow
+
 SLURM = ROOT / "tests" / "slurm"
-ARGS = [*TINY[2:], "--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32", "--train.max_steps", "60",
-        "--checkpoint.every_steps", "10"]
+ARGS = [
+    *TINY[2:],
+    "--fsdp.mixed_precision",
+    "fp32",
+    "--export.dtype",
+    "fp32",
+    "--train.max_steps",
+    "60",
+    "--checkpoint.every_steps",
+    "10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +67,49 @@ def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(slur
     ok(run_cli(["--config", "recipes/tiny-full.yaml", *ARGS, "--run.output_dir", str(reference)], nproc=2))
 
     out = tmp_path / "slurm-run"
-    env = {**os.environ, "NPROC": "2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "NPROC": "2",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
-         str(ROOT / "launch" / "slurm" / "single-node.sbatch"), "recipes/tiny-full.yaml", str(out), *ARGS],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        [
+            "sbatch",
+            "--parsable",
+            "--cpus-per-task=2",
+            f"--output={tmp_path}/slurm-%j.out",
+            str(ROOT / "launch" / "slurm" / "single-node.sbatch"),
+            "recipes/tiny-full.yaml",
+            str(out),
+            *ARGS,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     log = tmp_path / f"slurm-{job}.out"
     try:
-        started = wait_for(lambda: (out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 12,
-                           timeout=180)
+        started = wait_for(
+            lambda: (out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 12, timeout=180
+        )
         assert started, f"job {job} never reached step 12: state {job_field(job, 'JobState')}\n" + (
-            log.read_text()[-3000:] if log.exists() else "")
+            log.read_text()[-3000:] if log.exists() else ""
+        )
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        finished = wait_for(lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL"),
-                            timeout=300, interval=1.0)
+        finished = wait_for(
+            lambda: job_field(job, "JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL"),
+            timeout=300,
+            interval=1.0,
+        )
         text = log.read_text() if log.exists() else ""
-        assert finished and job_field(job, "JobState") == "COMPLETED", f"state {job_field(job, 'JobState')}\n{text[-4000:]}"
+        assert finished and job_field(job, "JobState") == "COMPLETED", (
+            f"state {job_field(job, 'JobState')}\n{text[-4000:]}"
+        )
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     assert job_field(job, "Restarts") == "1"

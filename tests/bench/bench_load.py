@@ -1,11 +1,14 @@
-"""`make bench-load`: loading a 374M-parameter LLaMA into FSDP2 on CPU processes, two ways, side by side.
+"""`make bench-load`: loading a 374M-parameter LLaMA into FSDP2 on CPU processes, three ways, side by side.
 
-  naive      every rank `from_pretrained`s the whole model, then shards it (what OOMs hosts at 70B, OpenVLA #208)
-  broadcast  shardtune: every rank builds on `meta` and shards; rank 0 alone reads the weights and broadcasts;
-             each rank keeps only its shard
+  naive        every rank `from_pretrained`s the whole model, then shards it (what OOMs hosts at 70B, OpenVLA #208)
+  rank0-model  shardtune before: every rank builds on `meta` and shards; rank 0 also builds a full second model with
+               `from_pretrained` and broadcasts its state dict; each rank keeps only its shards
+  streamed     shardtune now: the model is built once, on `meta`, and sharded; rank 0 reads one tensor at a time from
+               the safetensors files and broadcasts it; each rank keeps only its shards
 
 Per rank: peak resident memory (VmHWM) and its growth over the process's size before loading, as multiples of the
-fp32 model size. The broadcast pass also times a sharded DCP save (model + optimizer), the streaming HF export, and
+fp32 model size. The target for streamed: every rank, rank 0 included, grows by at most 1/N of the model plus the
+largest tensor. The streamed pass also times a sharded DCP save (model + optimizer), the streaming HF export, and
 a rank-0 full-state-dict gather + save for comparison. Not a test: numbers depend on the machine.
 
     python tests/bench/bench_load.py [--nproc 2]
@@ -27,8 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-BENCH_CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+BENCH_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=2048,
+)
 
 
 def rss_mb(field: str) -> float:
@@ -59,62 +69,77 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from transformers import AutoModelForCausalLM
 
     from backbones import build_backbone
-    from fsdp import apply_parallelism, broadcast_object, build_mesh, init_distributed, read_env, teardown
-    from fsdp.checkpoint import Checkpointer
+    from fsdp import apply_parallelism, broadcast_object, build_mesh, init_distributed, is_rank0, read_env, teardown
+    from fsdp.checkpoint import CheckpointManager, SavePolicy
     from fsdp.export import export_hf, model_tensor_sources
     from fsdp.materialize import load_from_rank0, materialize
-    from launch.config import FSDPConfig
 
     env = read_env()
     init_distributed(env)
-    optimizer = None
-    fsdp_cfg, result = FSDPConfig(mixed_precision="fp32"), {"rank": env.rank, "mode": mode}
+    optimizer = full = None
+    result = {"rank": env.rank, "mode": mode}
     dist.barrier()
     result["rss_before_mb"] = rss_mb("VmRSS")
     start = time.perf_counter()
-    if mode == "naive":
-        backbone = build_backbone("llama2-tiny-chat", path=model_dir)
-        model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, fsdp_cfg, build_mesh(env, "full"),
-                                  torch.bfloat16)
-    else:
-        full = build_backbone("llama2-tiny-chat", path=model_dir).llm if env.is_rank0 else None
-        backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
-        model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, fsdp_cfg, build_mesh(env, "full"),
-                                  torch.bfloat16)
+    backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
+    if mode == "naive":  # every rank loads the whole model with plain transformers, then shards it
+        backbone.llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    shard = dict(param_dtype=None)  # fp32 master weights either way: the load is what is measured
+    model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, build_mesh(env, "full"), **shard)
+    if mode == "rank0-model":  # shardtune before: rank 0 builds a second, full model and broadcasts its state dict
         materialize(model, env.device)
         backbone.init_non_persistent_buffers()
-        load_from_rank0(model, full)
-        del full
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if is_rank0() else None
+        state = full.state_dict() if full is not None else {}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del state, full
+    elif mode == "streamed":  # shardtune now: rank 0 reads one tensor at a time into the model it already built
+        materialize(model, env.device)
+        backbone.init_non_persistent_buffers()
+        load_from_rank0(model, backbone.pretrained_weights() if is_rank0() else None, env.device)
     dist.barrier()
-    result.update(load_s=time.perf_counter() - start, peak_mb=rss_mb("VmHWM"), rss_after_mb=rss_mb("VmRSS"),
-                  params=sum(p.numel() for p in model.parameters()))
-    if mode == "broadcast":
-        scratch = Path(tempfile.mkdtemp(dir=Path(model_dir).parent)) if env.is_rank0 else None
+    result.update(
+        load_s=time.perf_counter() - start,
+        peak_mb=rss_mb("VmHWM"),
+        rss_after_mb=rss_mb("VmRSS"),
+        params=sum(p.numel() for p in model.parameters()),
+        largest_tensor_mb=max(p.numel() for p in model.parameters()) * 4 / 2**20,
+    )
+    if mode == "streamed":
+        scratch = Path(tempfile.mkdtemp(dir=Path(model_dir).parent)) if is_rank0() else None
         scratch = Path(broadcast_object(str(scratch) if scratch else None))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         start = time.perf_counter()
-        Checkpointer(scratch / "ckpt", keep_last=1, async_save=False).save(
-            1, model, optimizer, {"step": 1}, {"backbone": "bench"})
+        CheckpointManager(scratch / "ckpt", SavePolicy(keep_last=1), {"backbone": "bench"}, env.device).save(
+            1, model, optimizer, {"step": 1}, force=True
+        )
         result["dcp_save_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        export_hf(model_tensor_sources(model), scratch / "export", "bf16", 5000, write=env.is_rank0,
-                  save_extras=lambda d: backbone.llm.config.save_pretrained(d))
+        export_hf(
+            model_tensor_sources(model),
+            scratch / "export",
+            "bf16",
+            5000,
+            write=is_rank0(),
+            save_extras=lambda d: backbone.llm.config.save_pretrained(d),
+        )
         result["streaming_export_s"] = time.perf_counter() - start
         dist.barrier()
         rss = rss_mb("VmRSS")
         start = time.perf_counter()
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if env.is_rank0:
+        if is_rank0():
             save_file({k: v.to(torch.bfloat16) for k, v in full_state.items()}, scratch / "gathered.safetensors")
         dist.barrier()
         result["rank0_gather_save_s"] = time.perf_counter() - start
         result["gather_rss_growth_mb"] = rss_mb("VmRSS") - rss
         del full_state
         dist.barrier()
-        if env.is_rank0:
+        if is_rank0():
             shutil.rmtree(scratch)
     Path(f"{out_json}.rank{env.rank}").write_text(json.dumps(result))
     model = backbone = optimizer = None  # release the sharded model before its process groups (see launch.train)
@@ -122,10 +147,13 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
     teardown()
 
 
+MODES = ("naive", "rank0-model", "streamed")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--worker", choices=["naive", "broadcast"])
+    parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--model-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -139,26 +167,34 @@ def main() -> int:
     model_dir = build_bench_model(root / "bench-llama-374m")
     fp32_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
     results = {}
-    for mode in ("naive", "broadcast"):
+    for mode in MODES:
         out = Path(tempfile.mkdtemp()) / "result"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   __file__, "--worker", mode, "--model-dir", str(model_dir), "--out", str(out)]
-        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.DEVNULL)
+                   __file__, "--worker", mode, "--model-dir", str(model_dir), "--out", str(out)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
         results[mode] = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.nproc)]
-    print(f"\nmodel: {results['naive'][0]['params'] / 1e6:.0f}M parameters, fp32 size {fp32_mb:.0f} MiB; "
-          f"{args.nproc} CPU processes (gloo)\n")
-    print(f"{'mode':<10} {'rank':>4} {'load s':>7} {'peak MiB':>9} {'peak/fp32':>9} {'growth MiB':>10} {'growth/fp32':>11}")
+    first = results["streamed"][0]
+    target = 1 / args.nproc + first["largest_tensor_mb"] / fp32_mb
+    print(
+        f"\nmodel: {first['params'] / 1e6:.0f}M parameters, fp32 size {fp32_mb:.0f} MiB, largest tensor "
+        f"{first['largest_tensor_mb']:.0f} MiB; {args.nproc} CPU processes (gloo); target for every rank: growth "
+        f"<= 1/{args.nproc} + largest tensor = {target:.2f} x fp32\n"
+    )
+    print(f"{'mode':<12} {'rank':>4} {'load s':>7} {'peak MiB':>9} {'growth MiB':>10} {'growth/fp32':>11}")
     for mode, ranks in results.items():
         for r in ranks:
             growth = r["peak_mb"] - r["rss_before_mb"]
-            print(f"{mode:<10} {r['rank']:>4} {r['load_s']:>7.1f} {r['peak_mb']:>9.0f} {r['peak_mb'] / fp32_mb:>9.2f} "
-                  f"{growth:>10.0f} {growth / fp32_mb:>11.2f}")
-    b = results["broadcast"][0]
-    print(f"\nsharded DCP save (model + AdamW state): {b['dcp_save_s']:.1f} s")
-    print(f"streaming HF export (bf16):             {b['streaming_export_s']:.1f} s")
-    print(f"rank-0 full-state gather + save (bf16): {b['rank0_gather_save_s']:.1f} s, rank-0 RSS growth "
-          f"{b['gather_rss_growth_mb']:.0f} MiB ({b['gather_rss_growth_mb'] / fp32_mb:.2f} x fp32)")
+            print(
+                f"{mode:<12} {r['rank']:>4} {r['load_s']:>7.1f} {r['peak_mb']:>9.0f} {growth:>10.0f} "
+                f"{growth / fp32_mb:>11.2f}"
+            )
+    print(f"\nsharded DCP save (model + AdamW state): {first['dcp_save_s']:.1f} s")
+    print(f"streaming HF export (bf16):             {first['streaming_export_s']:.1f} s")
+    print(
+        f"rank-0 full-state gather + save (bf16): {first['rank0_gather_save_s']:.1f} s, rank-0 RSS growth "
+        f"{first['gather_rss_growth_mb']:.0f} MiB ({first['gather_rss_growth_mb'] / fp32_mb:.2f} x fp32)"
+    )
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch.distributed.fsdp import FSDPModule
 
 import launch.trainer
-from fsdp import init_distributed, read_env, teardown
+from fsdp import init_distributed, is_rank0, read_env, teardown
 from launch.metrics import setup_logging
 from launch.train import fit_and_export, prepare
 
@@ -38,7 +38,7 @@ def gradient_bytes(model) -> int:
 
 def main() -> None:
     env = read_env()
-    setup_logging(env.is_rank0)
+    setup_logging(is_rank0())
     prepared = prepare(sys.argv[1:], env)
     init_distributed(env)
     seen: list[int] = []

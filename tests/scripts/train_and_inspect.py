@@ -15,15 +15,16 @@ from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from fsdp import init_distributed, read_env, teardown
+from fsdp import init_distributed, is_rank0, read_env, teardown
 from launch.data import collate
 from launch.metrics import setup_logging
 from launch.train import fit_and_export, prepare
 
 
 def fsdp_settings(model) -> dict:
-    groups = [group for m in model.modules() if isinstance(m, FSDPModule)
-              for group in m._get_fsdp_state()._fsdp_param_groups]
+    groups = [
+        group for m in model.modules() if isinstance(m, FSDPModule) for group in m._get_fsdp_state()._fsdp_param_groups
+    ]
     blocks = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     return {
         "offload_to_cpu": sorted({p.offload_to_cpu for g in groups for p in g.fsdp_params}),
@@ -34,32 +35,45 @@ def fsdp_settings(model) -> dict:
 
 def main() -> None:
     env = read_env()
-    setup_logging(env.is_rank0)
+    setup_logging(is_rank0())
     prepared = prepare(sys.argv[1:], env)
     init_distributed(env, cpu_collectives=prepared.config.fsdp.cpu_offload)
     trainer = model = None
     try:
         trainer = fit_and_export(prepared, env)
         model = trainer.model.eval()
-        batch = collate([prepared.eval_data.dataset[i] for i in range(4)], prepared.backbone.tokenizer.pad_token_id,
-                        "padded")
+        batch = collate(
+            [prepared.eval_data.dataset[i] for i in range(4)], prepared.backbone.tokenizer.pad_token_id, "padded"
+        )
+        seen = []  # the dtype the first decoder block computes in (bf16 under mixed precision)
+        block = next(m for m in model.modules() if isinstance(m, LlamaDecoderLayer))
+        hook = block.mlp.down_proj.register_forward_hook(lambda _m, args, _out: seen.append(str(args[0].dtype)))
         with torch.no_grad():
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+            inputs = {k: v.to(env.device) for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs, use_cache=False).logits.cpu()
+        hook.remove()
         for module in model.modules():  # grad-op keeps parameters gathered after a forward
             if isinstance(module, FSDPModule):
                 module.reshard()
         state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        if env.is_rank0:
+        if is_rank0():
             out = Path(prepared.config.run.output_dir)
             torch.save({"batch": batch, "logits": logits.float()}, out / "inspect_logits.pt")
             local = [p.to_local() for p in model.parameters()]
-            (out / "inspect.json").write_text(json.dumps({
-                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()} | {str(t.dtype) for t in local}),
-                "param_devices": sorted({str(t.device) for t in local}),
-                "optimizer_state_devices": sorted({str(getattr(t, "device", "?")) for t in state}),
-                "backend": str(dist.get_backend_config()),
-                **fsdp_settings(model),
-            }))
+            (out / "inspect.json").write_text(
+                json.dumps(
+                    {
+                        "param_dtypes": sorted(
+                            {str(p.dtype) for p in model.parameters()} | {str(t.dtype) for t in local}
+                        ),
+                        "param_devices": sorted({str(t.device) for t in local}),
+                        "optimizer_state_devices": sorted({str(getattr(t, "device", "?")) for t in state}),
+                        "backend": str(dist.get_backend_config()),
+                        "compute_dtype": seen[0],
+                        **fsdp_settings(model),
+                    }
+                )
+            )
     finally:
         prepared = trainer = model = None  # release the sharded model before its process groups (see launch.train)
         gc.collect()

@@ -1,0 +1,34 @@
+"""`make gpu-check` on a machine without CUDA: a one-line refusal, no traceback; and its throughput harness, run on
+CPU with a tiny shape so that it cannot rot between the tasks that have a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, launch_env
+
+
+def test_gpu_check_refuses_cleanly_without_a_gpu():
+    result = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, env=launch_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[0].startswith("gpu-check: needs a CUDA GPU")
+    assert "Traceback" not in result.stdout + result.stderr
+    direct = subprocess.run([sys.executable, "tests/bench/gpu_throughput.py"], cwd=ROOT, env=launch_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert direct.returncode == 2 and direct.stderr.strip() == "gpu_throughput: needs a CUDA GPU (or --cpu-smoke)"
+
+
+@pytest.mark.slow
+def test_throughput_harness_runs_on_cpu_and_writes_its_table(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, "tests/bench/gpu_throughput.py", "--cpu-smoke", "--out", str(out)],
+                            cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["attn"], r["activation_checkpointing"]) for r in rows] == [("sdpa", False)]
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["device"] == "cpu" for r in rows)
+    assert "| attention | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory (GiB) |" in result.stdout
