@@ -201,6 +201,12 @@ class HFCausalLLMBackbone(LLMBackbone):
 
         return read
 
+    def check_weights(self) -> None:
+        """Read the headers of a local directory's safetensors files: a truncated or malformed file is refused by name
+        before anything starts (Hub weights are checked when rank 0 downloads them)."""
+        if self.is_local:
+            SafetensorsReader(self._weights_directory())
+
     def _weights_directory(self) -> Path:
         if self.is_local:
             return Path(self.hf_hub_path)

@@ -7,6 +7,7 @@ LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); with none of it (plain `python`
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,7 +52,7 @@ def process_group_backend(device: torch.device, cpu_collectives: bool) -> str:
     return "gloo"
 
 
-def init_distributed(env: DistEnv, timeout_s: int = 1800, cpu_collectives: bool = False) -> None:
+def init_distributed(env: DistEnv, timeout_s: float = 1800, cpu_collectives: bool = False) -> None:
     """Start the process group (a one-process group for plain `python`: FSDP2 still needs a mesh).
     `cpu_collectives`: also reduce CPU tensors on a GPU run (CPU offload)."""
     if dist.is_initialized():
@@ -75,6 +76,8 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800, cpu_collectives: bool 
         timeout=timeout,
         device_id=env.device if env.device.type == "cuda" else None,
     )
+    global _timeout_s
+    _timeout_s = timeout_s
 
 
 def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh:
@@ -106,6 +109,57 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (one collective; all ranks must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+_timeout_s: float | None = None
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The time after which a collective that has not finished fails on the ranks waiting in it (a rank stopped
+    responding), for every process group of this process: the default group, the mesh's, the async-save group."""
+    global _timeout_s
+    if not dist.is_initialized() or seconds == _timeout_s:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+    _timeout_s = seconds
+
+
+@contextmanager
+def collective_timeout(seconds: float):
+    """A longer (or shorter) collective timeout for a phase, e.g. loading and checkpoint saves."""
+    previous = _timeout_s
+    set_collective_timeout(seconds)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_collective_timeout(previous)
+
+
+def collective_failure(error: BaseException) -> str | None:
+    """What a failed collective means, from the backends' messages (gloo, NCCL), or None for another error."""
+    text = str(error)
+    if "Timed out" in text or "timed out" in text or "Watchdog caught collective operation timeout" in text:
+        return "a collective did not finish in time: a rank stopped responding"
+    if (
+        "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+        or "NCCL communicator was aborted" in text
+    ):
+        return "a peer process failed or was killed"
+    return None
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

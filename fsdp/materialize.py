@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
@@ -31,9 +32,17 @@ def load_from_rank0(model: nn.Module, read: Callable[[str], torch.Tensor] | None
         if world > 1:
             dist.broadcast(full, src=0)
         if isinstance(target, DTensor):
-            # Every rank has the full tensor: slicing out the local shard needs no communication.
-            local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
-            target.to_local().copy_(local)
+            target.to_local().copy_(local_view(full, target))
         else:
             target.copy_(full)
         del full
+
+
+def local_view(full: torch.Tensor, target: DTensor) -> torch.Tensor:
+    """This rank's shard of `full` as a view (no copy): every rank has the whole tensor after the broadcast."""
+    shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+    view = full
+    for dim, (start, length) in enumerate(zip(offset, shape)):
+        if length != full.shape[dim]:
+            view = view.narrow(dim, start, length)
+    return view

@@ -1,22 +1,21 @@
 """Typed run configuration: one dataclass per section; precedence is defaults < recipe YAML < CLI flags.
 
-`parse_config(argv)` accepts `--config recipes/x.yaml` and `--section.key value` overrides (draccus), then
-`validate_config` reports every problem at once, naming the bad value, the valid choices and the flag.
+`parse_config(argv)` accepts `--config recipes/x.yaml` and `--section.key value` overrides (draccus); then
+`launch.validate.validate_config` reports every problem at once, naming the bad value, the choices and the flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
-import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import draccus
-
-from backbones.registry import BACKBONES
-from launch.attention import IMPLEMENTATIONS
+import yaml
 
 
 @dataclass
@@ -75,9 +74,11 @@ class FSDPConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = no periodic checkpoints
+    every_steps: int = 0  # 0 = by time only (every_minutes)
+    every_minutes: float = 30.0  # also save when this long has passed since the last save; 0 = by steps only
     keep_last: int = 2  # older complete checkpoints are deleted
     async_save: bool = False  # overlap the write with training (torch.distributed.checkpoint.async_save)
+    timeout_s: float = 3600.0  # collective timeout while loading and saving (a 13B save to shared storage is slow)
 
 
 @dataclass
@@ -88,6 +89,9 @@ class RunConfig:
     wandb_project: str = "shardtune"
     overwrite: bool = False  # start again in an output_dir that holds a finished run
     resume: str = "auto"  # auto | never | <checkpoint directory>
+    # A training collective that does not finish in this time ends the job (a rank stopped responding). Loading and
+    # checkpoint saves use --checkpoint.timeout_s instead.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -111,23 +115,105 @@ class ConfigError(ValueError):
     """Bad configuration: every problem found, one per line."""
 
 
+def field_types() -> dict[str, object]:
+    """`section.key` -> the field's type, for every field of every section."""
+    types = {}
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for key in dataclasses.fields(section.default_factory):
+            types[f"{section.name}.{key.name}"] = hints[key.name]
+    return types
+
+
+def unknown_key(key: str, where: str = "") -> ConfigError:
+    close = difflib.get_close_matches(key, list(field_types()), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else "; see --help for the keys"
+    return ConfigError(f"unknown key {key}{where}{hint}")
+
+
+def check_value(key: str, value: str) -> None:
+    """A CLI value that cannot be read as its field's type, refused with the flag and the type expected."""
+    kind = field_types()[key]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        if value.lower() in ("null", "none"):
+            return
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError
+        elif kind in (int, float):
+            kind(value)
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            parsed = yaml.safe_load(value)
+            if not isinstance(parsed, list):
+                raise ValueError
+            [item(v) for v in parsed]
+    except (ValueError, TypeError, yaml.YAMLError):
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, f"a {kind}")
+        if typing.get_origin(kind) is list:
+            expected = f"a list like [{', '.join(['...'] * 2)}] of {typing.get_args(kind)[0].__name__}"
+        raise ConfigError(f"--{key}={value} is not valid: expected {expected}") from None
+
+
+def check_recipe_keys(path: str) -> None:
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(
+            f"--config {path}: expected sections (model:, data:, train:, ...), found {type(recipe).__name__}"
+        )
+    for section, values in recipe.items():
+        if not isinstance(values, dict):
+            raise unknown_key(str(section), f" in {path}")
+        for key in values:
+            if f"{section}.{key}" not in field_types():
+                raise unknown_key(f"{section}.{key}", f" in {path}")
+
+
 def parse_config(argv: list[str]) -> Config:
-    """`--config FILE` (alias of draccus' `--config_path`) plus `--section.key value` overrides."""
-    args = list(argv)
-    config_path = None
+    """`--config FILE` (alias of draccus' `--config_path`) plus `--section.key value` overrides. A typo'd key or an
+    unreadable value is one line naming it (and the closest key), never a parser dump."""
+    args, config_paths = list(argv), []
     for flag in ("--config", "--config_path"):
-        for i, arg in enumerate(args):
-            if arg == flag and i + 1 < len(args):
-                config_path = args[i + 1]
+        while flag in args or any(a.startswith(flag + "=") for a in args):
+            i = next(i for i, a in enumerate(args) if a == flag or a.startswith(flag + "="))
+            if args[i] == flag:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{flag} needs a recipe file, e.g. {flag} recipes/tiny-full.yaml")
+                config_paths.append(args[i + 1])
                 del args[i : i + 2]
-                break
-            if arg.startswith(flag + "="):
-                config_path = arg.split("=", 1)[1]
+            else:
+                config_paths.append(args[i].split("=", 1)[1])
                 del args[i]
-                break
-    if config_path is not None and not Path(config_path).is_file():
-        raise ConfigError(f"--config {config_path}: no such recipe file; recipes live in recipes/*.yaml")
-    return draccus.parse(Config, config_path=config_path, args=args)
+    if len(config_paths) > 1:
+        raise ConfigError(f"--config given {len(config_paths)} times ({', '.join(config_paths)}); give one recipe")
+    config_path = config_paths[0] if config_paths else None
+    if config_path is not None:
+        if not Path(config_path).is_file():
+            raise ConfigError(f"--config {config_path}: no such recipe file; recipes live in recipes/*.yaml")
+        check_recipe_keys(config_path)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}'; flags look like --section.key value (see --help)")
+        key, _, value = arg[2:].partition("=")
+        if key not in field_types():
+            raise unknown_key(key)
+        if not value:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        check_value(key, value)
+        i += 1
+    try:
+        return draccus.parse(Config, config_path=config_path, args=args)
+    except (Exception, SystemExit) as error:  # a value draccus cannot decode (e.g. in the recipe)
+        raise ConfigError(f"invalid configuration: {str(error).strip().splitlines()[-1]}") from None
 
 
 def config_to_dict(config: Config) -> dict:
@@ -140,77 +226,6 @@ def dump_config(config: Config) -> str:
     stream = io.StringIO()
     draccus.dump(config, stream)
     return stream.getvalue()
-
-
-CHOICES = {
-    ("model", "attn_implementation"): IMPLEMENTATIONS,
-    ("data", "format"): ("alpaca", "chat", "text"),
-    ("data", "overlong"): ("truncate", "drop"),
-    ("train", "stage"): ("full", "last-layer"),
-    ("train", "schedule"): ("cosine", "constant"),
-    ("fsdp", "sharding"): ("full", "grad-op", "hybrid", "none"),
-    ("fsdp", "mixed_precision"): ("bf16", "fp32"),
-    ("export", "dtype"): ("bf16", "fp32"),
-}
-
-
-def validate_config(config: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError listing every problem; needs no process group (world size comes from the environment)."""
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    problems: list[str] = []
-    for (section, key), choices in CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in choices:
-            problems.append(f"--{section}.{key}={value} is not valid; choose one of {', '.join(choices)}")
-    if config.model.backbone not in BACKBONES:
-        problems.append(
-            f"--model.backbone={config.model.backbone} is unknown; valid ids: {', '.join(sorted(BACKBONES))}"
-        )
-    else:
-        limit = BACKBONES[config.model.backbone].llm_max_length
-        if config.data.max_length > limit:
-            problems.append(
-                f"--data.max_length={config.data.max_length} exceeds {config.model.backbone}'s context of "
-                f"{limit} tokens; choose a value <= {limit}"
-            )
-    train = config.train
-    for key in ("global_batch_size", "micro_batch_size"):
-        if getattr(train, key) < 1:
-            problems.append(f"--train.{key}={getattr(train, key)} must be >= 1")
-    if train.global_batch_size >= 1 and train.micro_batch_size >= 1:
-        per_step = world_size * train.micro_batch_size
-        if train.global_batch_size % per_step:
-            problems.append(
-                f"--train.global_batch_size={train.global_batch_size} is not divisible by world size {world_size} x "
-                f"--train.micro_batch_size={train.micro_batch_size} = {per_step}; choose a global batch that is a "
-                f"multiple of {per_step} or a micro-batch size that divides "
-                f"{train.global_batch_size // world_size or 1}"
-            )
-    if train.max_steps < 0 or (train.max_steps == 0 and train.epochs < 1):
-        problems.append(
-            f"--train.max_steps={train.max_steps} / --train.epochs={train.epochs}: give max_steps > 0 or epochs >= 1"
-        )
-    if not 0 <= train.warmup_ratio < 1:
-        problems.append(f"--train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
-    if config.data.max_length < 8:
-        problems.append(f"--data.max_length={config.data.max_length} is too small; use at least 8")
-    for key in ("path", "eval_path"):
-        path = getattr(config.data, key)
-        if path and path != "bundled" and looks_local(path) and not Path(path).exists():
-            problems.append(f"--data.{key}={path}: no such file")
-    if config.data.path == "bundled" and config.data.format not in ("alpaca", "chat"):
-        problems.append(f"--data.format={config.data.format}: bundled data comes as alpaca or chat; give --data.path")
-    for tracker in config.run.trackers:
-        if tracker not in ("jsonl", "wandb"):
-            problems.append(f"--run.trackers contains '{tracker}'; valid trackers: jsonl, wandb")
-    if config.fsdp.sharding == "hybrid" and world_size > 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        if world_size % local:
-            problems.append(f"--fsdp.sharding=hybrid needs equal processes per node; world {world_size}, local {local}")
-    if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
-        problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def looks_local(path: str) -> bool:

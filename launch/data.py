@@ -15,7 +15,7 @@ import datasets
 import torch
 
 from backbones.base import LLMBackbone
-from backbones.prompting import Prompt
+from backbones.prompting import BOS, Prompt
 from backbones.tiny import cache_root
 from launch.attention import takes_flat_batches
 from launch.config import DataConfig
@@ -24,19 +24,26 @@ from launch.data_sources import DataError, read_rows, render_row, resolve_path
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Bump when tokenization below changes: cached token files from older code must not be reused.
-TOKENIZATION_VERSION = "v1"
+TOKENIZATION_VERSION = "v2"  # v2: per-chunk encoding, text never parsed for special tokens
 
 
 def encode_prompt(prompt: Prompt, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids (BOS first) and labels: a token is supervised when its characters overlap an answer span."""
-    encoding = tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
-    labels = [
-        token if end > start and any(start < b and end > a for a, b in prompt.answer_spans) else IGNORE_INDEX
-        for token, (start, end) in zip(ids, offsets)
-    ]
-    if not prompt.has_bos:
-        ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE_INDEX, *labels]
+    """Token ids and labels (-100 where not supervised). Each text chunk is tokenized alone, as the family's reference
+    does, and as text only (`split_special_tokens`: `</s>` written by a user stays characters); BOS/EOS chunks are the
+    tokenizer's ids. A text token is supervised when its characters overlap a supervised span."""
+    ids, labels = [], []
+    for chunk in prompt.chunks:
+        if chunk.special:
+            token = tokenizer.bos_token_id if chunk.special == BOS else tokenizer.eos_token_id
+            ids.append(token)
+            labels.append(token if chunk.supervised else IGNORE_INDEX)
+            continue
+        encoding = tokenizer(chunk.text, add_special_tokens=False, return_offsets_mapping=True,
+                             split_special_tokens=True)  # fmt: skip
+        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            supervised = end > start and any(start < b and end > a for a, b in chunk.spans)
+            ids.append(token)
+            labels.append(token if supervised else IGNORE_INDEX)
     return ids, labels
 
 

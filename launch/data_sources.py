@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backbones.prompting import Prompt, PromptBuilder
+from backbones.prompting import BOS, EOS, Prompt, PromptBuilder
 from launch.bundled_data import bundled_path
 from launch.config import DataConfig, looks_local
 
@@ -34,12 +34,13 @@ def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
     if path.suffix in (".jsonl", ".json", ".parquet") or looks_local(source):
         if not path.is_file():
             raise DataError(f"{source}: no such file (--data.path / --data.eval_path)")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
         if path.suffix == ".parquet":
             import datasets
 
             return datasets.Dataset.from_parquet(str(path)).to_list(), digest
-        text = path.read_text(encoding="utf-8")
+        text = decode_utf8(raw, source)
         if path.suffix == ".json":
             try:
                 rows = json.loads(text)
@@ -70,6 +71,16 @@ def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
     return load_hub_dataset(source, hub_split)
 
 
+def decode_utf8(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(f"{source}:{line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None  # fmt: skip
+
+
 def load_hub_dataset(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
     """A Hub dataset id or a local dataset directory, through `datasets.load_dataset`."""
     import datasets
@@ -98,8 +109,11 @@ def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, wh
         text = field(data.text_field)
         if not text:
             raise DataError(f"{where}: empty '{data.text_field}'")
-        text += builder.eos
-        return Prompt(text=text, answer_spans=[(0, len(text))])
+        prompt = Prompt()
+        prompt.add_special(BOS)
+        prompt.add_text("", text)
+        prompt.add_special(EOS, supervised=True)
+        return prompt
     if data.format == "alpaca":
         instruction, output = field(data.instruction_field), field(data.output_field)
         extra = row.get(data.input_field) or ""

@@ -1,14 +1,19 @@
-"""Convert a sharded checkpoint into a Hugging Face directory, streaming one tensor at a time.
+"""Export a checkpoint as a Hugging Face directory, streaming one tensor at a time.
 
-    python -m launch.export runs/x/checkpoints/step-000040 exported/ [--dtype bf16|fp32] [--max-shard-size-mb 5000]
+    python -m launch.export RUN_DIR|CHECKPOINT OUT [--dtype bf16|fp32] [--max-shard-size-mb 5000] [--overwrite]
 
-Needs no process group and no GPU. Peak memory is one safetensors shard plus one tensor, never the whole model twice;
-the end-of-training `final/` is written by the same `fsdp.export.export_hf`.
+RUN_DIR takes the run's newest intact checkpoint. The dtype defaults to the one the run exports in (its
+`export.dtype`). Needs no process group and no GPU; peak memory is one safetensors shard plus one tensor. The
+end-of-training `final/` is written by the same `fsdp.export.export_hf`.
+
+OUT is never clobbered by accident: an existing OUT must be empty or an earlier export (which is replaced whole, only
+once the new one is complete), unless --overwrite; OUT may not be, contain, or lie inside the source.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import warnings
@@ -16,12 +21,47 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources
-from fsdp.export import DTYPES, export_hf
+from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources, find_latest_checkpoint
+from fsdp.export import DTYPES, MARKER, ExportError, export_hf
+
+
+class ExportRefused(ValueError):
+    pass
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's newest intact checkpoint."""
+    if (source / "checkpoints").is_dir():
+        latest = find_latest_checkpoint(source / "checkpoints")
+        if latest is None:
+            raise ExportRefused(f"{source} is a run directory without an intact checkpoint to export")
+        return latest
+    if not source.is_dir():
+        raise ExportRefused(f"{source}: no such checkpoint or run directory")
+    return source
+
+
+def check_destination(out: Path, checkpoint: Path, run_dir: Path, overwrite: bool) -> None:
+    out, checkpoint, run_dir = out.resolve(), checkpoint.resolve(), run_dir.resolve()
+    for path, inside_too in ((checkpoint, True), (run_dir, False)):  # an export inside the run directory is fine
+        if out == path or out in path.parents or (inside_too and path in out.parents):
+            relation = "is" if out == path else ("contains" if out in path.parents else "lies inside")
+            raise ExportRefused(f"{out} {relation} the source {path}; choose a destination outside it")
+    if out.exists() and not out.is_dir():
+        raise ExportRefused(f"{out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise ExportRefused(f"{out} is not empty and is not an earlier export; choose another destination, or pass "
+                            "--overwrite to replace it")  # fmt: skip
+
+
+def run_dtype(checkpoint: Path) -> str:
+    """The dtype the run exports in: its config (`export.dtype`), as saved with the checkpoint."""
+    config = json.loads((checkpoint / "hf" / "config.json").read_text())
+    return "fp32" if config.get("dtype", config.get("torch_dtype")) == "float32" else "bf16"
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb: int) -> None:
-    sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete or unreadable checkpoints
+    sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete, unreadable or damaged checkpoints
     hf_dir = checkpoint / "hf"
 
     def save_extras(directory: Path) -> None:
@@ -32,24 +72,29 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb:
         config.dtype = "bfloat16" if dtype == "bf16" else "float32"
         config.save_pretrained(directory)
 
-    export_hf(sources, out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras)
+    export_hf(sources, out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras, source=str(checkpoint))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint_dir", type=Path)
+    parser.add_argument("source", type=Path, help="a run directory (its newest checkpoint) or a checkpoint directory")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the run's export.dtype")
     parser.add_argument("--max-shard-size-mb", type=int, default=5000)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that is no export")
     args = parser.parse_args(argv)
     # DCP warns that it loads in a single process: that is the point here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
-        export_checkpoint(args.checkpoint_dir, args.out_dir, args.dtype, args.max_shard_size_mb)
-    except CheckpointError as error:
+        checkpoint = resolve_checkpoint(args.source)
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+        check_destination(args.out_dir, checkpoint, run_dir, args.overwrite)
+        dtype = args.dtype or run_dtype(checkpoint)
+        export_checkpoint(checkpoint, args.out_dir, dtype, args.max_shard_size_mb)
+    except (CheckpointError, ExportRefused, ExportError, OSError) as error:
         print(f"shardtune export: {error}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint_dir} -> {args.out_dir} ({args.dtype})")
+    print(f"exported {checkpoint} -> {args.out_dir} ({dtype})")
     return 0
 
 

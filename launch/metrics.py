@@ -41,8 +41,26 @@ def setup_logging(is_rank0: bool) -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def wandb_mode() -> tuple[str, str | None]:
+    """(mode, warning): online only with credentials (WANDB_API_KEY, or `wandb login`'s netrc entry); otherwise offline,
+    with a warning, instead of failing or prompting mid-run. WANDB_MODE=offline/disabled is kept as set."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return mode, None
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+        return "online", None
+    return "offline", ("wandb has no credentials (set WANDB_API_KEY or run `wandb login`): logging offline into the "
+                       "run's wandb/ directory; `wandb sync` uploads it later")  # fmt: skip
+
+
 class MetricsWriter:
-    """One JSON object per optimizer step / evaluation in `metrics.jsonl`, mirrored to the chosen trackers."""
+    """One JSON object per optimizer step / evaluation in `metrics.jsonl`, mirrored to the chosen trackers.
+
+    wandb plots against our own `step` (define_metric) and is never given `step=`: wandb drops records whose internal
+    step does not increase, which would silently lose the steps a resumed run logs again after its checkpoint (wandb's
+    "rewind" is a private preview). A resumed run continues the same wandb run (the id in `.wandb_id`); re-logged
+    steps appear again at their step, the later values last."""
 
     def __init__(self, run_dir: Path, trackers: list[str], config: dict, enabled: bool, wandb_project: str) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -51,6 +69,9 @@ class MetricsWriter:
         if enabled and "wandb" in trackers:
             import wandb
 
+            mode, warning = wandb_mode()
+            if warning:
+                logging.getLogger(__name__).warning(warning)
             self.wandb = wandb.init(
                 project=wandb_project,
                 dir=str(run_dir),
@@ -58,7 +79,10 @@ class MetricsWriter:
                 name=run_dir.name,
                 resume="allow",
                 id=_wandb_id(run_dir),
+                mode=mode,
             )
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (written after the checkpoint a resume starts from)."""
@@ -73,7 +97,7 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log(record)
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -23,35 +23,38 @@ from backbones.prompting import PromptBuilder
 from backbones.registry import prompt_builder_of
 from backbones.tiny import ensure_tiny_model
 from launch.bundled_data import bundled_path
+from launch.data import encode_prompt
 from launch.data_sources import conversation_turns
 from launch.metrics import setup_logging
 
 BACKBONE = "llama2-tiny-chat"
 
 
-def held_out_prompts(n: int) -> list[tuple[str, str]]:
-    """(prompt text up to the answer, expected answer) for the first user turn of held-out eval conversations."""
+def held_out_prompts(n: int, tokenizer) -> list[tuple[list[int], str, str]]:
+    """(prompt token ids up to the answer, the prompt's text, expected answer) for the first user turn of held-out eval
+    conversations, encoded exactly as training encodes them."""
     builder: PromptBuilder = prompt_builder_of(BACKBONE)
     rows = [json.loads(line) for line in bundled_path("chat", "eval").read_text().splitlines()][:n]
     prompts = []
     for i, row in enumerate(rows):
         turns, system = conversation_turns(row, "messages", f"eval row {i}")
-        prompt = builder.build(turns[:1], system=system)
-        # The answer's leading space belongs to its first token (`▁Lima`), as in training.
-        prompts.append((prompt.text[: prompt.answer_spans[0][0]].rstrip(" "), turns[0][1]))
+        # Up to the answer, trailing space dropped: the answer's space belongs to its first token (`▁Lima`).
+        prompt = builder.build(turns[:1], system=system).until_answer(0)
+        prompts.append((encode_prompt(prompt, tokenizer)[0], prompt.text, turns[0][1]))
     return prompts
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    ids = tokenizer(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token), return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+def generate(model, tokenizer, ids: list[int], max_new_tokens: int = 8) -> str:
+    inputs = torch.tensor([ids])
+    out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
 
 
-def exact_match(model, tokenizer, prompts: list[tuple[str, str]]) -> float:
+def exact_match(model, tokenizer, prompts: list[tuple[list[int], str, str]]) -> float:
     model.eval()
-    return sum(generate(model, tokenizer, p) == answer for p, answer in prompts) / len(prompts)
+    return sum(generate(model, tokenizer, ids) == answer for ids, _, answer in prompts) / len(prompts)
 
 
 def main() -> int:
@@ -65,9 +68,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup_logging(is_rank0=True)
     print(f"[smoke] tiny model: {ensure_tiny_model()}", flush=True)
-    prompts = held_out_prompts(args.prompts)
     torch.manual_seed(42)
     base = build_backbone(BACKBONE, inference_mode=True)
+    prompts = held_out_prompts(args.prompts, base.tokenizer)
     acc_before = exact_match(base.llm, base.tokenizer, prompts)
 
     command = [
@@ -97,10 +100,10 @@ def main() -> int:
     acc_after = exact_match(model, tokenizer, prompts)
     records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-    prompt, answer = prompts[0]
+    ids, text, answer = prompts[0]
     print(
-        f"\n[smoke] held-out prompt: {prompt!r}\n[smoke] expected: {answer!r}  generated from final/: "
-        f"{generate(model, tokenizer, prompt)!r}"
+        f"\n[smoke] held-out prompt: {text!r}\n[smoke] expected: {answer!r}  generated from final/: "
+        f"{generate(model, tokenizer, ids)!r}"
     )
     print(f"[smoke] eval loss     before {evals[0]:.4f}  after {evals[-1]:.4f}")
     print(f"[smoke] exact match   before {acc_before:.1%}  after {acc_after:.1%}  ({len(prompts)} held-out prompts)")

@@ -26,26 +26,38 @@ import torch
 
 from backbones import HFCausalLLMBackbone, build_backbone
 from backbones.weights import WeightsError
-from fsdp import DistEnv, apply_parallelism, barrier, build_mesh, init_distributed, is_rank0, read_env, teardown
+from fsdp import (
+    DistEnv,
+    apply_parallelism,
+    barrier,
+    broadcast_object,
+    build_mesh,
+    init_distributed,
+    is_rank0,
+    read_env,
+    teardown,
+)
 from fsdp.checkpoint import CheckpointError, CheckpointManager, SavePolicy
-from fsdp.export import export_hf, model_tensor_sources
+from fsdp.dist import collective_failure, set_collective_timeout
+from fsdp.export import ExportError, export_hf, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
-from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config, validate_config
+from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
 from launch.data import TokenizedData, batch_layout, build_tokenized
 from launch.data_sources import DataError
 from launch.flops import build_flop_counter, peak_bf16_flops
+from launch.lifecycle import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, watch_launcher
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
-from launch.preemption import EXIT_PREEMPTED, PreemptionHandler
-from launch.rundir import RunDirError, check_run_dir, prepare_run_dir
+from launch.preemption import PreemptionHandler
+from launch.rundir import RunDirError, RunDirLock, check_run_dir, clean_leftovers, start_run
 from launch.sampler import GlobalBatchSampler
 from launch.stage import apply_stage
-from launch.step_end import StepEnd
+from launch.step_end import StepEnd, Stopped
 from launch.trainer import Trainer
+from launch.validate import validate_config
 
 log = logging.getLogger("launch.train")
-EXIT_BAD_INPUT = 2
 
 
 @dataclass
@@ -60,17 +72,22 @@ class Prepared:
     hf_extras: Callable[[Path], None]  # writes config, generation config and tokenizer of an HF directory
     checkpoints: CheckpointManager
     resume_from: Path | None
+    replace_finished: bool  # --run.overwrite over a finished run: removed once this run starts training
 
 
 BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, CheckpointError, WeightsError, OSError)
 
 
+class RunFailed(Exception):
+    """The run cannot go on (a stalled or failed collective); the message names the step."""
+
+
 def prepare(argv: list[str], env: DistEnv) -> Prepared:
-    """Everything that can be refused, checked identically on every rank before any process group exists: a bad
-    run exits at once on all ranks instead of leaving some waiting in a collective."""
+    """Everything that can be refused, checked identically on every rank before any process group exists and before
+    anything is written: a bad run exits at once on all ranks instead of leaving some waiting in a collective."""
     config = parse_config(argv)
     validate_config(config, env.world_size)
-    check_run_dir(config.run.output_dir, config.run.overwrite)
+    check_run_dir(config.run.output_dir, config.run.overwrite, config.run.resume)
     attn, attn_line = resolve_attn_implementation(
         config.model.attn_implementation, env.device, config.fsdp.mixed_precision
     )
@@ -80,22 +97,33 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     backbone = build_backbone(
         model.backbone, path=model.path, hf_token_file=model.hf_token_file, attn_implementation=attn, load_weights=False
     )
+    backbone.check_weights()  # a local directory's safetensors headers: truncated or malformed files, by name
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
     train_data = build_tokenized(config.data, backbone, "train")
+    check_fills_a_batch(train_data, config)
     eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
-    # resume: the newest complete checkpoint of this run (auto), a given one, or none; refused if it is another
+    # resume: the newest intact checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
     hf_extras = hf_extras_writer(config, backbone)
     checkpoints = build_checkpoint_manager(config, env, hf_extras)
-    fresh = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
-    resume_from = None if fresh else checkpoints.select(config.run.resume)
-    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from)
+    replace = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
+    resume_from = None if replace else checkpoints.select(config.run.resume)
+    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace)
+
+
+def check_fills_a_batch(data: TokenizedData, config: Config) -> None:
+    rows, batch = len(data.dataset), config.train.global_batch_size
+    if rows < batch:
+        unit = f"packed rows of {config.data.max_length} tokens" if data.packed else "examples"
+        raise DataError(f"--data.path={config.data.path}: {rows} {unit} cannot fill one global batch of {batch}; "
+                        "lower --train.global_batch_size or add data")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     env = read_env()
     setup_logging(is_rank0())
-    # From here on SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary instead of killing the process.
+    watch_launcher()  # a worker that torchrun started stops when torchrun dies, however it dies
+    # From here on SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the next step boundary instead of killing the process.
     preemption = PreemptionHandler()
     try:
         prepared = prepare(sys.argv[1:] if argv is None else argv, env)
@@ -103,18 +131,40 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0():
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    init_distributed(env, cpu_collectives=prepared.config.fsdp.cpu_offload)
-    status = 0
+    if preemption.received is not None:  # Ctrl-C while preparing: nothing to save yet
+        return EXIT_INTERRUPTED
+    config = prepared.config
+    # Loading and saving run under the long timeout; training collectives under --run.collective_timeout_s.
+    init_distributed(env, timeout_s=config.checkpoint.timeout_s, cpu_collectives=config.fsdp.cpu_offload)
+    lock = RunDirLock(config.run.output_dir)
+    problem = broadcast_object(lock.acquire() if is_rank0() else None)  # one owner per run directory
+    if problem:
+        if is_rank0():
+            print(f"shardtune: {problem}", file=sys.stderr)
+        teardown()
+        return EXIT_BAD_INPUT
+    if is_rank0():
+        clean_leftovers(config.run.output_dir)
+    status = EXIT_OK
     try:
         fit_and_export(prepared, env, preemption)
-    except Preempted:
-        status = EXIT_PREEMPTED
+    except Stopped as stopped:
+        status = stopped.status
+    except RunFailed as error:
+        # Peers may be gone or frozen: say what happened and leave at once (tearing down could wait on them).
+        print(f"shardtune: rank {env.rank}: {error}", file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILED)
+    except (CheckpointError, ExportError) as error:  # every rank raises it together (a full disk): the group is healthy
+        if is_rank0():
+            print(f"shardtune: {error}", file=sys.stderr)
+        status = EXIT_FAILED
     finally:
         # Free the sharded model (and with it every reference to the process groups) before destroying them:
         # c10d/gloo objects left for interpreter shutdown to destroy can abort the process after a clean run.
         prepared = None
         gc.collect()
         teardown()
+        lock.release()
     return status
 
 
@@ -139,7 +189,7 @@ def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[
     ckpt = config.checkpoint
     return CheckpointManager(
         Path(config.run.output_dir) / "checkpoints",
-        SavePolicy(ckpt.every_steps, ckpt.keep_last, ckpt.async_save),
+        SavePolicy(ckpt.every_steps, ckpt.every_minutes, ckpt.keep_last, ckpt.async_save, ckpt.timeout_s),
         identity,
         env.device,
         must_match={"backbone": "--model.backbone", "stage": "--train.stage"},
@@ -151,9 +201,6 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     """Shard, load, train and export; returns the trainer (its sharded model stays usable)."""
     config, backbone, checkpoints = prepared.config, prepared.backbone, prepared.checkpoints
     run_dir = Path(config.run.output_dir)
-    if is_rank0():
-        prepare_run_dir(config.run.output_dir, config.run.overwrite, dump_config(config))
-    barrier()
     torch.manual_seed(config.run.seed)
     # stage: freeze per recipe, and decide decay groups and the FLOP count from unsharded names and shapes
     apply_stage(backbone, config.train.stage)
@@ -177,7 +224,17 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     train = config.train
     sampler = GlobalBatchSampler(len(prepared.train_data.dataset), train.global_batch_size, config.run.seed)
     total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
+    # The schedule before the load: building it writes the step-0 learning rate into the optimizer, which the
+    # checkpoint's optimizer state must then overwrite, not the other way round.
     optimizer = build_optimizer(model, decay_names, train)
+    scheduler = build_schedule(optimizer, train, total_steps)
+    # load: the checkpoint rank 0 chose (model, optimizer, trainer state), or rank 0 reads the pretrained weights one
+    # tensor at a time and every rank keeps its shards of each broadcast
+    state = checkpoints.load(model, optimizer, prepared.resume_from, backbone.pretrained_weights)
+    # start: only now may a finished run that --run.overwrite replaces go; then config.yaml and the trackers
+    if is_rank0():
+        start_run(config.run.output_dir, prepared.replace_finished, dump_config(config))
+    barrier()
     peak = peak_bf16_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     metrics = MetricsWriter(run_dir, config.run.trackers, config_to_dict(config), is_rank0(), config.run.wandb_project)
     trainer = Trainer(
@@ -185,7 +242,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         env,
         model,
         optimizer,
-        build_schedule(optimizer, train, total_steps),
+        scheduler,
         sampler,
         total_steps,
         prepared.train_data,
@@ -196,9 +253,6 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         flops,
         peak,
     )
-    # load: the checkpoint rank 0 chose (model, optimizer, trainer state), or rank 0 reads the pretrained weights one
-    # tensor at a time and every rank keeps its shards of each broadcast
-    state = checkpoints.load(model, optimizer, prepared.resume_from, backbone.pretrained_weights)
     if state is not None:
         trainer.load_state_dict(state)
         metrics.truncate_after(trainer.step)
@@ -210,20 +264,25 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         train.micro_batch_size,
         train.global_batch_size // (env.world_size * train.micro_batch_size),
     )
+    set_collective_timeout(config.run.collective_timeout_s)
     try:
         trainer.fit(StepEnd(checkpoints, preemption or PreemptionHandler(), run_dir))
         checkpoints.finish()
+    except RuntimeError as error:
+        if (failure := collective_failure(error)) is None:
+            raise
+        raise RunFailed(
+            f"step {trainer.step + 1}: {failure} (no collective finished within "
+            f"--run.collective_timeout_s={config.run.collective_timeout_s:g} s); re-run the same command "
+            f"to resume from the newest checkpoint [{str(error).strip().splitlines()[0]}]"
+        ) from None
     finally:
         metrics.close()
-    if trainer.step < trainer.total_steps:
-        raise Preempted(trainer.step)
+    # export: final/ from the trained state, which the last step's checkpoint also holds (a failed export only needs
+    # the same command again)
     export_final(config, model, run_dir / "final", prepared.hf_extras)
     log.info("done: %s", run_dir / "final")
     return trainer
-
-
-class Preempted(Exception):
-    """Training stopped at a step boundary after a checkpoint, on a signal."""
 
 
 def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):

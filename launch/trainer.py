@@ -142,23 +142,26 @@ class Trainer:
         total_loss, total_tokens = all_reduce_sum([loss_sum, token_sum], self.env.device)
         return total_loss / max(total_tokens, 1.0)
 
-    def fit(self, on_step_end: Callable[[Trainer], bool] | None = None) -> None:
-        """Train to `total_steps`. `on_step_end` (checkpointing, signals) returns True to stop early."""
+    def fit(self, on_step_end: Callable[[Trainer], None] | None = None) -> None:
+        """Train to `total_steps`. `on_step_end` (checkpointing, signals) runs after every step; it stops training
+        by raising."""
         eval_every = self.train.eval_every
         bar = progress_bar(self.total_steps, self.step, is_rank0())
-        if self.eval_data is not None and self.step == 0:
-            self.log_eval()
-        while self.step < self.total_steps:
-            record = self.train_step()
-            self.metrics.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)
-            last = self.step == self.total_steps
-            if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
+        try:
+            if self.eval_data is not None and self.step == 0:
                 self.log_eval()
-            if on_step_end is not None and on_step_end(self):
-                break
-        bar.close()
+            while self.step < self.total_steps:
+                record = self.train_step()
+                self.metrics.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                last = self.step == self.total_steps
+                if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
+                    self.log_eval()
+                if on_step_end is not None:
+                    on_step_end(self)
+        finally:
+            bar.close()
 
     def log_eval(self) -> None:
         eval_loss = self.evaluate()

@@ -7,8 +7,9 @@ import torch
 from conftest import ROOT, TINY, run_cli
 
 from fsdp import DistEnv
-from launch.config import ConfigError, config_to_dict, dump_config, parse_config, validate_config
+from launch.config import ConfigError, config_to_dict, dump_config, parse_config
 from launch.train import BAD_INPUT, prepare
+from launch.validate import validate_config
 
 
 def cpu_env(world_size: int) -> DistEnv:

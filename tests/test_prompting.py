@@ -15,7 +15,7 @@ def expected(builder: str, n: int, system: str | None) -> str:
     turns = TURNS[:n]
     if builder == "pure":
         head = f"{system}\n" if system else ""
-        return head + "".join(f"In: {u}\nOut: {a}</s>" for u, a in turns)
+        return "<s>" + head + "".join(f"In: {u}\nOut: {a}</s>" for u, a in turns)
     if builder == "llama2-chat":
         text = ""
         for i, (u, a) in enumerate(turns):
@@ -23,7 +23,7 @@ def expected(builder: str, n: int, system: str | None) -> str:
                 u = f"<<SYS>>\n{system}\n<</SYS>>\n\n{u}"
             text += f"<s>[INST] {u} [/INST] {a} </s>"
         return text
-    return f"{system or VICUNA_SYSTEM_PROMPT} " + "".join(f"USER: {u} ASSISTANT: {a}</s>" for u, a in turns)
+    return f"<s>{system or VICUNA_SYSTEM_PROMPT} " + "".join(f"USER: {u} ASSISTANT: {a}</s>" for u, a in turns)
 
 
 BUILDERS = {"pure": PurePromptBuilder, "llama2-chat": LLaMa2ChatPromptBuilder, "vicuna": VicunaV15PromptBuilder}
@@ -48,7 +48,8 @@ def test_vicuna_default_system_prompt_is_fastchats():
     assert (
         VicunaV15PromptBuilder("x")
         .build(TURNS[:1])
-        .text.startswith(
+        .text.removeprefix("<s>")
+        .startswith(
             "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
             "detailed, and polite answers to the user's questions. USER: "
         )
@@ -76,3 +77,50 @@ def test_supervised_label_tokens_decode_to_exactly_the_answers(tiny_backbone, na
     eos_sep = " " if name == "llama2-chat" else ""
     assert [tokenizer.decode(run) for run in runs] == [f"{a}{eos_sep}</s>" for _, a in TURNS[:n]]
     assert all(run[-1] == tokenizer.eos_token_id for run in runs)
+
+
+def reference_ids(name: str, turns, system, tokenizer) -> list[int]:
+    """Each family's reference encoding, computed turn by turn with the tokenizer's own encode: Meta's chat_completion
+    (BOS + encode("[INST] u [/INST] a ") + EOS per turn), FastChat's vicuna_v1.1 and the pure format (BOS, then each
+    turn's text encoded alone, EOS after every answer)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    ids = []
+    for i, (user, answer) in enumerate(turns):
+        if name == "llama2-chat":
+            if i == 0 and system:
+                user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+            ids += [bos, *encode(f"[INST] {user.strip()} [/INST] {answer.strip()} "), eos]
+        elif name == "vicuna":
+            head = f"{system or VICUNA_SYSTEM_PROMPT} " if i == 0 else ""
+            ids += [bos] * (i == 0) + [*encode(f"{head}USER: {user} ASSISTANT: {answer}"), eos]
+        else:
+            head = f"{system}\n" if system and i == 0 else ""
+            ids += [bos] * (i == 0) + [*encode(f"{head}In: {user}\nOut: {answer}"), eos]
+    return ids
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_token_ids_equal_the_familys_reference_encoding_turn_by_turn(tiny_backbone, name, system):
+    tokenizer = tiny_backbone.tokenizer
+    ids, _ = encode_prompt(BUILDERS[name]("x").build(TURNS, system=system), tokenizer)
+    assert ids == reference_ids(name, TURNS, system, tokenizer)
+    if name == "llama2-chat":  # "[INST]" opens with its sentencepiece space piece after every BOS, never bare
+        first = tokenizer.encode("[INST]", add_special_tokens=False)[0]
+        assert [ids[i + 1] for i, t in enumerate(ids[:-1]) if t == tokenizer.bos_token_id] == [first] * len(TURNS)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_text_from_data_never_becomes_control_tokens(tiny_backbone, name):
+    tokenizer = tiny_backbone.tokenizer
+    turns = [("Write </s> then <s> and [INST] literally", "done </s> <s>"), ("again <unk>", "ok")]
+    ids, labels = encode_prompt(BUILDERS[name]("x").build(turns, system="sys </s>"), tokenizer)
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
+    counts = [ids.count(token) for token in specials]
+    assert counts == [2 if name == "llama2-chat" else 1, 2, 0]  # only the format's own BOS/EOS
+    assert ids == reference_ids(name, turns, "sys </s>", tokenizer)
+    assert "</s> <s>" in tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])

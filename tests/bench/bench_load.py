@@ -6,10 +6,11 @@
   streamed     shardtune now: the model is built once, on `meta`, and sharded; rank 0 reads one tensor at a time from
                the safetensors files and broadcasts it; each rank keeps only its shards
 
-Per rank: peak resident memory (VmHWM) and its growth over the process's size before loading, as multiples of the
-fp32 model size. The target for streamed: every rank, rank 0 included, grows by at most 1/N of the model plus the
-largest tensor. The streamed pass also times a sharded DCP save (model + optimizer), the streaming HF export, and
-a rank-0 full-state-dict gather + save for comparison. Not a test: numbers depend on the machine.
+Per rank: peak resident memory (VmHWM) and its growth over the process's size before loading (after the tokenizer
+and the module tree were built on `meta`), as multiples of the fp32 model size. The target for streamed: every rank,
+rank 0 included, grows by at most 1/N of the model plus the largest tensor. The streamed pass also times a sharded
+DCP save (model + optimizer), the streaming HF export, and a rank-0 full-state-dict gather + save for comparison.
+Not a test: numbers depend on the machine.
 
     python tests/bench/bench_load.py [--nproc 2]
 """
@@ -83,9 +84,9 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
     optimizer = full = None
     result = {"rank": env.rank, "mode": mode}
     dist.barrier()
-    result["rss_before_mb"] = rss_mb("VmRSS")
     start = time.perf_counter()
     backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
+    result["rss_before_mb"] = rss_mb("VmRSS")  # after the meta build (tokenizer, module tree): what loading adds
     if mode == "naive":  # every rank loads the whole model with plain transformers, then shards it
         backbone.llm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     shard = dict(param_dtype=None)  # fp32 master weights either way: the load is what is measured

@@ -1,0 +1,145 @@
+"""Every check of a run's inputs that needs no process group and writes nothing: values, choices, paths, the output
+directory and the model directory. All problems are reported at once, each naming the value, the choices and the flag.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from backbones.registry import BACKBONES
+from launch.attention import IMPLEMENTATIONS
+from launch.config import Config, ConfigError, looks_local
+
+CHOICES = {
+    ("model", "attn_implementation"): IMPLEMENTATIONS,
+    ("data", "format"): ("alpaca", "chat", "text"),
+    ("data", "overlong"): ("truncate", "drop"),
+    ("train", "stage"): ("full", "last-layer"),
+    ("train", "schedule"): ("cosine", "constant"),
+    ("fsdp", "sharding"): ("full", "grad-op", "hybrid", "none"),
+    ("fsdp", "mixed_precision"): ("bf16", "fp32"),
+    ("export", "dtype"): ("bf16", "fp32"),
+}
+
+
+def validate_config(config: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError listing every problem; needs no process group (world size comes from the environment)."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    problems: list[str] = []
+    for (section, key), choices in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            problems.append(f"--{section}.{key}={value} is not valid; choose one of {', '.join(choices)}")
+    if config.model.backbone not in BACKBONES:
+        problems.append(
+            f"--model.backbone={config.model.backbone} is unknown; valid ids: {', '.join(sorted(BACKBONES))}"
+        )
+    else:
+        limit = BACKBONES[config.model.backbone].llm_max_length
+        if config.data.max_length > limit:
+            problems.append(
+                f"--data.max_length={config.data.max_length} exceeds {config.model.backbone}'s context of "
+                f"{limit} tokens; choose a value <= {limit}"
+            )
+    train = config.train
+    for key in ("global_batch_size", "micro_batch_size"):
+        if getattr(train, key) < 1:
+            problems.append(f"--train.{key}={getattr(train, key)} must be >= 1")
+    if train.global_batch_size >= 1 and train.micro_batch_size >= 1:
+        per_step = world_size * train.micro_batch_size
+        if train.global_batch_size % per_step:
+            problems.append(
+                f"--train.global_batch_size={train.global_batch_size} is not divisible by world size {world_size} x "
+                f"--train.micro_batch_size={train.micro_batch_size} = {per_step}; choose a global batch that is a "
+                f"multiple of {per_step} or a micro-batch size that divides "
+                f"{train.global_batch_size // world_size or 1}"
+            )
+    if train.max_steps < 0 or (train.max_steps == 0 and train.epochs < 1):
+        problems.append(
+            f"--train.max_steps={train.max_steps} / --train.epochs={train.epochs}: give max_steps > 0 or epochs >= 1"
+        )
+    if not 0 <= train.warmup_ratio < 1:
+        problems.append(f"--train.warmup_ratio={train.warmup_ratio} must be in [0, 1)")
+    if config.data.max_length < 8:
+        problems.append(f"--data.max_length={config.data.max_length} is too small; use at least 8")
+    for key in ("path", "eval_path"):
+        path = getattr(config.data, key)
+        if path and path != "bundled" and looks_local(path) and not Path(path).exists():
+            problems.append(f"--data.{key}={path}: no such file")
+    if config.data.path == "bundled" and config.data.format not in ("alpaca", "chat"):
+        problems.append(f"--data.format={config.data.format}: bundled data comes as alpaca or chat; give --data.path")
+    for tracker in config.run.trackers:
+        if tracker not in ("jsonl", "wandb"):
+            problems.append(f"--run.trackers contains '{tracker}'; valid trackers: jsonl, wandb")
+    if config.fsdp.sharding == "hybrid" and world_size > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if world_size % local:
+            problems.append(f"--fsdp.sharding=hybrid needs equal processes per node; world {world_size}, local {local}")
+    if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
+        problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
+    problems += optimizer_problems(config) + path_problems(config)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def optimizer_problems(config: Config) -> list[str]:
+    train, problems = config.train, []
+    if not positive(train.lr):
+        problems.append(f"--train.lr={train.lr} must be a positive number (e.g. 2e-5)")
+    if len(train.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in train.betas):
+        problems.append(f"--train.betas={train.betas} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+        problems.append(f"--train.weight_decay={train.weight_decay} must be >= 0")
+    if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
+        problems.append(f"--train.max_grad_norm={train.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if train.eval_every < 0:
+        problems.append(f"--train.eval_every={train.eval_every} must be >= 0 (0: only before and after training)")
+    if not positive(config.run.collective_timeout_s):
+        problems.append(f"--run.collective_timeout_s={config.run.collective_timeout_s} must be > 0")
+    if not (math.isfinite(config.checkpoint.every_minutes) and config.checkpoint.every_minutes >= 0):
+        problems.append(f"--checkpoint.every_minutes={config.checkpoint.every_minutes} must be >= 0 (0: off)")
+    return problems
+
+
+def path_problems(config: Config) -> list[str]:
+    """The output directory must be creatable and writable; a local model directory must hold a model."""
+    problems, out = [], config.run.output_dir
+    if not out.strip():
+        problems.append("--run.output_dir is empty; give a directory for the run")
+    else:
+        path = Path(out).expanduser()
+        if path.exists() and not path.is_dir():
+            problems.append(f"--run.output_dir={out} is a file; give a directory")
+        else:
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                problems.append(f"--run.output_dir={out}: {existing} is not writable; choose another directory")
+    if config.model.path is not None:
+        problems += model_dir_problems(config.model.path)
+    return problems
+
+
+def model_dir_problems(path: str) -> list[str]:
+    """What a local model directory lacks (config.json, a tokenizer, safetensors weights)."""
+    flag = f"--model.path={path}"
+    directory = Path(path).expanduser()
+    if not path.strip():
+        return ["--model.path is empty; give a local model directory, or leave it out to use the Hub path"]
+    if not directory.is_dir():
+        return [f"{flag}: no such directory; give a local model directory (config.json, *.safetensors, tokenizer)"]
+    missing = []
+    if not (directory / "config.json").is_file():
+        missing.append("config.json")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
+    if not list(directory.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    return [f"{flag} lacks {', '.join(missing)}; is it a Hugging Face model directory?"] if missing else []
