@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch_varlen attention implementation)
+from backbones.loss import causal_lm_loss_sum
 from backbones.prompting import PromptBuilder
 from backbones.weights import SafetensorsReader, WeightsError
 
@@ -145,6 +147,8 @@ class HFCausalLLMBackbone(LLMBackbone):
                 config, attn_implementation=attn_implementation, dtype=torch.float32
             )
         self.llm.generation_config = self._generation_config(config)
+        # The loss with the head in chunks (no full fp32 logits); fsdp registers it as a forward method.
+        self.llm.chunked_loss_sum = MethodType(causal_lm_loss_sum, self.llm)
         self.llm.config.pad_token_id = self.tokenizer.pad_token_id
         self.llm.config.use_cache = inference_mode
         if not inference_mode:

@@ -1,5 +1,5 @@
-"""Applies parallelism to a backbone's model in one documented order — activation checkpointing -> (compile, later)
--> FSDP2 — and offers the few verbs the training loop needs (gradient sync, clipping, global sums)."""
+"""Applies parallelism to a backbone's model in one documented order — activation checkpointing -> compile -> FSDP2 —
+and offers the few verbs the training loop needs (gradient sync, clipping, global sums)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,21 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint as checkpoint_module
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 log = logging.getLogger(__name__)
 # Attribute on the root FSDP module: the accumulation mode chosen by apply_parallelism, read by set_gradient_sync.
 UNSHARDED_ACCUMULATION = "_shardtune_unsharded_grad_accumulation"
+FORWARD_METHODS = ("chunked_loss_sum",)
 
 
 def apply_parallelism(
@@ -25,14 +34,19 @@ def apply_parallelism(
     *,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
     unsharded_grad_accumulation: bool = False,
+    compile: bool = False,
 ) -> nn.Module:
     """In place, in this order (each later step wraps what the earlier produced):
-    1. activation checkpointing per `layer_cls` block (composable: parameter names are unchanged);
-    2. torch.compile would go here, per block;
+    1. activation checkpointing per `layer_cls` block (composable: parameter names are unchanged): `full` recomputes
+       the whole block in backward; `selective` keeps the outputs of matmuls and attention and recomputes the rest
+       (norms, activations, elementwise: cheap to recompute, costly to keep), as torchtitan's op-level policy;
+    2. `compile`: torch.compile of each block's forward (FSDP's and checkpointing's hooks stay outside the compiled
+       region, parameter names are unchanged); shapes repeat (packed rows, bucketed widths), so it compiles once or
+       twice (a second time for dynamic lengths) and never again;
     3. `fully_shard` on every `layer_cls` block, then on the root — the FSDP2 form of
        `transformer_auto_wrap_policy({layer_cls})`; the root group holds embeddings, final norm and head.
     `param_dtype`: the compute dtype (bf16 over fp32 master weights), or None to compute in fp32; gradients are reduced
@@ -42,9 +56,15 @@ def apply_parallelism(
     blocks = [m for m in model.modules() if isinstance(m, layer_cls)]
     if not blocks:
         raise ValueError(f"no {layer_cls.__name__} modules found to shard in {type(model).__name__}")
-    if activation_checkpointing:
+    if activation_checkpointing == "full":
         for block in blocks:
             checkpoint_module(block)
+    elif activation_checkpointing == "selective":
+        for block in blocks:
+            checkpoint_module(block, context_fn=selective_context)
+    if compile:
+        for block in blocks:
+            block.forward = torch.compile(block.forward)
     kwargs = dict(
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None),
@@ -55,6 +75,9 @@ def apply_parallelism(
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    for name in FORWARD_METHODS:  # other entry points than forward that use the root's parameters
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
     # Sum (not average) gradients across ranks: the trainer divides the loss by the global supervised-token count,
     # which makes the gradient exact whatever the world size. Forcing a plain SUM also avoids NCCL's PREMUL_SUM,
     # which gloo lacks.
@@ -71,10 +94,28 @@ def apply_parallelism(
         layer_cls.__name__,
         param_dtype or torch.float32,
         reshard_after_forward,
-        "on" if activation_checkpointing else "off",
+        activation_checkpointing,
         "on" if cpu_offload else "off",
     )
     return model
+
+
+# Ops whose outputs selective activation checkpointing keeps: the matmuls and attention, where the FLOPs are.
+SAVED_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.aten._flash_attention_forward.default,
+}  # fmt: skip
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
 def set_gradient_sync(model: nn.Module, last_micro_step: bool) -> None:

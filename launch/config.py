@@ -58,13 +58,19 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (linear warmup + cosine decay to 0) | constant (after warmup)
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # steps between evaluations; 0 = only before and after training
+    # The head and the loss run over chunks of this many tokens, recomputed in backward, so no [tokens, vocab] fp32
+    # logits exist at once (0: full logits, as transformers computes them).
+    loss_chunk_tokens: int = 1024
+    compile: bool = False  # torch.compile each decoder block (after activation checkpointing, before FSDP)
 
 
 @dataclass
 class FSDPConfig:
     sharding: str = "full"  # full | grad-op | hybrid | none
     mixed_precision: str = "bf16"  # bf16 (fp32 master weights, fp32 reduction) | fp32
-    activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    # none | full (recompute each decoder block in backward) | selective (keep matmul/attention outputs, recompute the
+    # rest: most of full's memory saving at a fraction of its recompute)
+    activation_checkpointing: str = "none"
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state on the CPU
     # Skip the reduce-scatter on all micro-steps but the last: less communication, but between micro-steps every rank
     # holds unsharded fp32 gradients of the whole model (+4 bytes per parameter: ~27 GB per GPU for 7B, ~52 GB for

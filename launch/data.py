@@ -3,11 +3,15 @@ cached on disk; optional packing; and collation into padded or packed micro-batc
 
 from __future__ import annotations
 
+import bisect
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,37 +23,57 @@ from backbones.prompting import BOS, Prompt
 from backbones.tiny import cache_root
 from launch.attention import takes_flat_batches
 from launch.config import DataConfig
-from launch.data_sources import DataError, read_rows, render_row, resolve_path
+from launch.data_sources import DataError, load_rows, render_row, resolve_path
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Bump when tokenization below changes: cached token files from older code must not be reused.
-TOKENIZATION_VERSION = "v2"  # v2: per-chunk encoding, text never parsed for special tokens
+TOKENIZATION_VERSION = "v3"  # v2: per-chunk encoding, text never parsed for special tokens; v3: length column
+# A token covers at most this many characters in practice: text beyond max_length x this is never needed.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer, max_chars: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (-100 where not supervised) of each prompt. Each text chunk is tokenized alone, as the
+    family's reference does, and as text only (`split_special_tokens`: `</s>` written by a user stays characters);
+    BOS/EOS chunks are the tokenizer's ids. A text token is supervised when its characters overlap a supervised span.
+    All chunks of all prompts go to the fast tokenizer in one call. `max_chars` (if set) cuts a prompt's text after
+    that many characters: far beyond max_length tokens, it only saves tokenizing what truncation would drop."""
+    texts = []
+    for prompt in prompts:
+        budget = max_chars or -1
+        for chunk in prompt.chunks:
+            if not chunk.special:
+                texts.append(chunk.text if budget < 0 else chunk.text[:budget])
+                budget = budget if budget < 0 else max(0, budget - len(chunk.text))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    pieces = iter(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for prompt in prompts:
+        ids, labels = [], []
+        for chunk in prompt.chunks:
+            if chunk.special:
+                token = bos if chunk.special == BOS else eos
+                ids.append(token)
+                labels.append(token if chunk.supervised else IGNORE_INDEX)
+                continue
+            for token, (start, end) in zip(*next(pieces)):
+                ids.append(token)
+                labels.append(
+                    token if end > start and any(start < b and end > a for a, b in chunk.spans) else IGNORE_INDEX
+                )
+        out.append((ids, labels))
+    return out
 
 
 def encode_prompt(prompt: Prompt, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where not supervised). Each text chunk is tokenized alone, as the family's reference
-    does, and as text only (`split_special_tokens`: `</s>` written by a user stays characters); BOS/EOS chunks are the
-    tokenizer's ids. A text token is supervised when its characters overlap a supervised span."""
-    ids, labels = [], []
-    for chunk in prompt.chunks:
-        if chunk.special:
-            token = tokenizer.bos_token_id if chunk.special == BOS else tokenizer.eos_token_id
-            ids.append(token)
-            labels.append(token if chunk.supervised else IGNORE_INDEX)
-            continue
-        encoding = tokenizer(chunk.text, add_special_tokens=False, return_offsets_mapping=True,
-                             split_special_tokens=True)  # fmt: skip
-        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
-            supervised = end > start and any(start < b and end > a for a, b in chunk.spans)
-            ids.append(token)
-            labels.append(token if supervised else IGNORE_INDEX)
-    return ids, labels
+    return encode_prompts([prompt], tokenizer)[0]
 
 
 @dataclass
 class TokenizedData:
-    dataset: datasets.Dataset  # columns input_ids, labels (and position_ids when packed)
+    dataset: datasets.Dataset | PackedRows  # rows of input_ids, labels (and position_ids, lengths when packed)
     packed: bool
     from_cache: bool
     overlong: int  # examples truncated or dropped
@@ -57,58 +81,75 @@ class TokenizedData:
 
 
 def build_tokenized(data: DataConfig, backbone: LLMBackbone, split: str, packing: bool | None = None) -> TokenizedData:
-    """Load, check, tokenize (cached by content), apply `data.overlong`, and pack when asked."""
+    """Load (Arrow), check, tokenize (cached by content, built once per node), apply `data.overlong`, and pack when
+    asked. The first process to take the cache entry's lock builds it; the others wait, then read it."""
     source = resolve_path(data, split)
     if source is None:
         raise DataError(f"no {split} data: give --data.{'path' if split == 'train' else 'eval_path'}")
-    rows, digest = read_rows(source, data.split if split == "train" else data.eval_split)
-    if not rows:
+    rows, digest, where = load_rows(source, data.split if split == "train" else data.eval_split)
+    if len(rows) == 0:
         raise DataError(f"{source}: the dataset is empty; expected at least one example")
     tokenizer = backbone.tokenizer
-    key = hashlib.sha256(
-        "|".join(
-            [
-                TOKENIZATION_VERSION,
-                digest,
-                backbone.identifier,
-                tokenizer.backend_tokenizer.to_str(),
-                repr(sorted(vars(data).items())),
-            ]
-        ).encode()
-    ).hexdigest()[:24]
+    parts = [TOKENIZATION_VERSION, digest, backbone.identifier, tokenizer.backend_tokenizer.to_str(),
+             repr(sorted(vars(data).items()))]  # fmt: skip
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
     cache_dir = cache_root() / "tokenized" / key
-    if (cache_dir / "dataset_info.json").is_file():
-        dataset, from_cache = datasets.load_from_disk(str(cache_dir)), True
-    else:
-        builder = backbone.prompt_builder_fn(backbone.identifier)
-        records = {"input_ids": [], "labels": [], "overlong": []}
-        jsonl = source.endswith(".jsonl")
-        for i, row in enumerate(rows):
-            where = f"{source}:{i + 1}" if jsonl else f"{source} row {i}"
-            ids, labels = encode_prompt(render_row(row, data, builder, where), tokenizer)
-            records["overlong"].append(len(ids) > data.max_length)
-            records["input_ids"].append(ids[: data.max_length])
-            records["labels"].append(labels[: data.max_length])
-        dataset, from_cache = datasets.Dataset.from_dict(records), False
-        save_atomically(dataset, cache_dir)
-    overlong = sum(dataset["overlong"])
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir.parent / f".{key}.lock"):
+        from_cache = (cache_dir / "dataset_info.json").is_file()
+        if not from_cache:
+            builder = backbone.prompt_builder_fn(backbone.identifier)
+            save_atomically(tokenize(rows, data, builder, tokenizer, where), cache_dir)
+    dataset = datasets.load_from_disk(str(cache_dir))  # memory-mapped
+    overlong = int(sum(dataset["overlong"]))
     if data.overlong == "drop" and overlong:
         dataset = dataset.filter(lambda flag: not flag, input_columns="overlong")
         if len(dataset) == 0:
             raise DataError(f"{source}: every example is longer than --data.max_length={data.max_length}")
     dataset = dataset.remove_columns("overlong")
     if overlong:
-        log.info(
-            "%s: %d of %d examples longer than %d tokens were %s",
-            split,
-            overlong,
-            len(rows),
-            data.max_length,
-            "dropped" if data.overlong == "drop" else "truncated",
-        )
+        log.info("%s: %d of %d examples longer than %d tokens were %s", split, overlong, len(rows), data.max_length,
+                 "dropped" if data.overlong == "drop" else "truncated")  # fmt: skip
     if packing if packing is not None else data.packing:
         return pack(dataset, data.max_length, tokenizer.pad_token_id, from_cache, overlong)
-    return TokenizedData(dataset.with_format("python"), packed=False, from_cache=from_cache, overlong=overlong)
+    return TokenizedData(dataset, packed=False, from_cache=from_cache, overlong=overlong)
+
+
+def tokenize(rows: datasets.Dataset, data: DataConfig, builder, tokenizer, where) -> datasets.Dataset:
+    """Rows -> input_ids, labels, length, overlong, in batches through the fast tokenizer (several processes for large
+    datasets), written to Arrow as it goes: no list of all rows is ever held."""
+    max_chars = CHARS_PER_TOKEN_BOUND * data.max_length
+
+    def batch(columns: dict[str, list], indices: list[int]) -> dict[str, list]:
+        prompts = [render_row({k: v[i] for k, v in columns.items()}, data, builder, where(index))
+                   for i, index in enumerate(indices)]  # fmt: skip
+        out = {"input_ids": [], "labels": [], "length": [], "overlong": []}
+        for prompt, (ids, labels) in zip(prompts, encode_prompts(prompts, tokenizer, max_chars)):
+            long = len(ids) > data.max_length or sum(len(c.text) for c in prompt.chunks) > max_chars
+            out["input_ids"].append(ids[: data.max_length])
+            out["labels"].append(labels[: data.max_length])
+            out["length"].append(min(len(ids), data.max_length))
+            out["overlong"].append(long)
+        return out
+
+    processes = min(os.cpu_count() or 1, 8) if len(rows) >= 50_000 else None
+    datasets.enable_progress_bars()  # tokenizing a large dataset takes a while: show it (rank 0 builds)
+    try:
+        return rows.map(batch, batched=True, batch_size=1000, with_indices=True, num_proc=processes,
+                        remove_columns=rows.column_names, desc="tokenizing", load_from_cache_file=False)  # fmt: skip
+    finally:
+        datasets.disable_progress_bars()
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive flock: one process builds a cache entry while the others wait (released if the holder dies)."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_atomically(dataset: datasets.Dataset, target: Path) -> None:
@@ -122,44 +163,67 @@ def save_atomically(dataset: datasets.Dataset, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bool, overlong: int) -> TokenizedData:
-    """Greedy in-order packing into rows of `max_length`; position ids restart per example so that, with no
-    attention mask, transformers keeps attention within each example (and the padding tail is its own segment).
-    `lengths` records each row's examples, so flash kernels can drop the padding tail and take exact boundaries."""
-    rows = {"input_ids": [], "labels": [], "position_ids": [], "lengths": []}
-    current = {k: [] for k in rows}
-
-    def flush() -> None:
-        pad = max_length - len(current["input_ids"])
-        rows["input_ids"].append(current["input_ids"] + [pad_id] * pad)
-        rows["labels"].append(current["labels"] + [IGNORE_INDEX] * pad)
-        rows["position_ids"].append(current["position_ids"] + list(range(pad)))
-        rows["lengths"].append(current["lengths"])
-        for k in current:
-            current[k] = []
-
-    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
-        if len(current["input_ids"]) + len(ids) > max_length:
-            flush()
-        current["input_ids"] += ids
-        current["labels"] += labels
-        current["position_ids"] += list(range(len(ids)))
-        current["lengths"].append(len(ids))
-    if current["input_ids"]:
-        flush()
-    real = sum(len(ids) for ids in dataset["input_ids"])
-    padding = 1.0 - real / (len(rows["input_ids"]) * max_length)
-    log.info(
-        "packed %d examples into %d rows of %d tokens; padding fraction %.3f",
-        len(dataset),
-        len(rows["input_ids"]),
-        max_length,
-        padding,
-    )
-    return TokenizedData(datasets.Dataset.from_dict(rows).with_format("python"), True, from_cache, overlong, padding)
+def plan_packing(lengths: Sequence[int], max_length: int, seed: int = 0, window: int = 20_000) -> list[list[int]]:
+    """Best-fit-decreasing bins of example indices, each bin at most `max_length` tokens (TRL's `bfd`), within
+    windows of a seeded shuffle: long and short examples mix, and order stays random at the scale of a window."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    bins: list[list[int]] = []
+    for lo in range(0, len(order), window):
+        chunk = sorted(order[lo : lo + window], key=lambda i: -lengths[i])
+        free: list[tuple[int, int]] = []  # (room left, bin index), sorted: the best fit is the first with enough room
+        for index in chunk:
+            n = lengths[index]
+            at = bisect.bisect_left(free, (n, -1))
+            if at == len(free):
+                bins.append([index])
+                room, b = max_length - n, len(bins) - 1
+            else:
+                room, b = free.pop(at)
+                bins[b].append(index)
+                room -= n
+            if room > 0:
+                bisect.insort(free, (room, b))
+    return bins
 
 
-def collate(examples: list[dict], pad_id: int, layout: str) -> dict[str, torch.Tensor | int]:
+class PackedRows:
+    """Packed rows as a view over the tokenized examples (Arrow, memory-mapped): a row is assembled when it is read,
+    so packing copies nothing. Position ids restart per example so that, with no attention mask, transformers keeps
+    attention within each example (the padding tail is a segment of its own); `lengths` lets flash kernels drop the
+    tail and take exact boundaries."""
+
+    def __init__(self, examples: datasets.Dataset, bins: list[list[int]], max_length: int, pad_id: int) -> None:
+        self.examples, self.bins, self.max_length, self.pad_id = examples, bins, max_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        rows = self.examples[self.bins[index]]  # one Arrow read for the whole bin
+        ids = [t for row in rows["input_ids"] for t in row]
+        labels = [t for row in rows["labels"] for t in row]
+        lengths = [len(row) for row in rows["input_ids"]]
+        pad = self.max_length - len(ids)
+        return {
+            "input_ids": ids + [self.pad_id] * pad,
+            "labels": labels + [IGNORE_INDEX] * pad,
+            "position_ids": [p for n in lengths for p in range(n)] + list(range(pad)),
+            "lengths": lengths,
+        }
+
+
+def pack(dataset: datasets.Dataset, max_length: int, pad_id: int, from_cache: bool, overlong: int,
+         seed: int = 0) -> TokenizedData:  # fmt: skip
+    """Best-fit-decreasing packing into rows of `max_length` (see plan_packing and PackedRows)."""
+    lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+    bins = plan_packing(lengths, max_length, seed)
+    padding = 1.0 - sum(lengths) / (len(bins) * max_length)
+    log.info("packed %d examples into %d rows of %d tokens; padding fraction %.4f", len(dataset), len(bins),
+             max_length, padding)  # fmt: skip
+    return TokenizedData(PackedRows(dataset, bins, max_length, pad_id), True, from_cache, overlong, padding)
+
+
+def collate(examples: list[dict], pad_id: int, layout: str, bucket: int = 1) -> dict[str, torch.Tensor | int]:
     """A micro-batch in one of three layouts:
     - `padded`: right-padded rows with an attention mask;
     - `packed`: packed rows with per-example position ids and no mask (SDPA/eager build a per-example mask);
@@ -167,12 +231,14 @@ def collate(examples: list[dict], pad_id: int, layout: str) -> dict[str, torch.T
       per example, and the cumulative lengths that flash kernels take (`cu_seq_lens_q/k`, `max_length_q/k`, as
       `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` emits). transformers hands flash kernels a batch of
       several rows as plain causal rows, attending across packed examples: only one flattened row is safe.
+    `bucket` rounds padded widths and the flat path's max_length up to a multiple (stable shapes for torch.compile;
+    max_length is only an upper bound for flash kernels).
     """
     if layout == "flat":
-        return collate_flat(examples)
+        return collate_flat(examples, bucket)
     if layout == "packed":
         return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
-    width = max(len(e["input_ids"]) for e in examples)
+    width = round_up(max(len(e["input_ids"]) for e in examples), bucket)
     batch = {
         "input_ids": torch.full((len(examples), width), pad_id),
         "labels": torch.full((len(examples), width), IGNORE_INDEX),
@@ -186,7 +252,11 @@ def collate(examples: list[dict], pad_id: int, layout: str) -> dict[str, torch.T
     return batch
 
 
-def collate_flat(examples: list[dict]) -> dict[str, torch.Tensor | int]:
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def collate_flat(examples: list[dict], bucket: int = 1) -> dict[str, torch.Tensor | int]:
     ids, labels, lengths = [], [], []
     for e in examples:
         segments = e.get("lengths") or [len(e["input_ids"])]
@@ -205,8 +275,8 @@ def collate_flat(examples: list[dict]) -> dict[str, torch.Tensor | int]:
         "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
         "cu_seq_lens_q": cu_seq_lens,
         "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": max(lengths),
-        "max_length_k": max(lengths),
+        "max_length_q": round_up(max(lengths), bucket),
+        "max_length_k": round_up(max(lengths), bucket),
     }
 
 

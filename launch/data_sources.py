@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import datasets
 
 from backbones.prompting import BOS, EOS, Prompt, PromptBuilder
 from launch.bundled_data import bundled_path
@@ -26,49 +29,76 @@ def resolve_path(data: DataConfig, split: str) -> str | None:
     return data.path if split == "train" else data.eval_path
 
 
-def read_rows(source: str, hub_split: str) -> tuple[list[dict[str, Any]], str]:
-    """Rows as dicts, and a digest of the source's content (the tokenization cache key)."""
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_rows(source: str, hub_split: str) -> tuple[datasets.Dataset, str, Callable[[int], str]]:
+    """The rows as an Arrow table (memory-mapped, never Python lists), a digest of the source's content (the
+    tokenization cache key), and where(i): how an error names row i (`file:line` for JSON lines)."""
     path = Path(source).expanduser()
     if path.is_dir():  # a dataset directory (as a Hub repo would be downloaded): the same `datasets` path
         return load_hub_dataset(str(path), hub_split)
-    if path.suffix in (".jsonl", ".json", ".parquet") or looks_local(source):
-        if not path.is_file():
-            raise DataError(f"{source}: no such file (--data.path / --data.eval_path)")
-        raw = path.read_bytes()
-        digest = hashlib.sha256(raw).hexdigest()
-        if path.suffix == ".parquet":
-            import datasets
+    if not (path.suffix in (".jsonl", ".json", ".parquet") or looks_local(source)):
+        return load_hub_dataset(source, hub_split)
+    if not path.is_file():
+        raise DataError(f"{source}: no such file (--data.path / --data.eval_path)")
+    if path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path)), file_digest(path), lambda i: f"{source} row {i}"
+    if path.stat().st_size < 4096 and not path.read_bytes().strip():
+        raise DataError(f"{source}: the dataset is empty; expected at least one example")
+    try:
+        rows = datasets.Dataset.from_json(str(path))
+    except Exception as error:  # Arrow's reader names no line: find it, and say what is wrong there
+        scan_json(path, source)
+        raise DataError(f"{source}: not readable as JSON rows ({str(error).strip().splitlines()[-1]})") from None
+    if path.suffix != ".jsonl":
+        return rows, file_digest(path), lambda i: f"{source} row {i}"
+    return rows, file_digest(path), lambda i: f"{source}:{jsonl_line(path, i)}"
 
-            return datasets.Dataset.from_parquet(str(path)).to_list(), digest
-        text = decode_utf8(raw, source)
-        if path.suffix == ".json":
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{source}:{error.lineno}: malformed JSON ({error.msg}); expected a list of objects"
-                ) from None
-            if not isinstance(rows, list):
-                raise DataError(f"{source}: expected a JSON list of objects, found {type(rows).__name__}")
-            for i, row in enumerate(rows):
-                if not isinstance(row, dict):
-                    raise DataError(f"{source} row {i}: expected a JSON object, found {type(row).__name__}")
-            return rows, digest
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{source}:{lineno}: malformed JSON line ({error.msg}); expected one JSON object per line"
-                ) from None
+
+def jsonl_line(path: Path, index: int) -> int:
+    """The line number of the index-th non-blank line (read only when an error needs it)."""
+    seen = -1
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            seen += bool(line.strip())
+            if seen == index:
+                return lineno
+    return index + 1
+
+
+def scan_json(path: Path, source: str) -> None:
+    """Python's reading of a file Arrow refused: raises DataError at the first bad line (encoding, syntax, type)."""
+    text = decode_utf8(path.read_bytes(), source)
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{source}:{error.lineno}: malformed JSON ({error.msg}); expected a list of objects"
+            ) from None
+        if not isinstance(rows, list):
+            raise DataError(f"{source}: expected a JSON list of objects, found {type(rows).__name__}")
+        for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise DataError(f"{source}:{lineno}: expected a JSON object, found {type(row).__name__}")
-            rows.append(row)
-        return rows, digest
-    return load_hub_dataset(source, hub_split)
+                raise DataError(f"{source} row {i}: expected a JSON object, found {type(row).__name__}")
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{source}:{lineno}: malformed JSON line ({error.msg}); expected one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{source}:{lineno}: expected a JSON object, found {type(row).__name__}")
 
 
 def decode_utf8(raw: bytes, source: str) -> str:
@@ -81,10 +111,8 @@ def decode_utf8(raw: bytes, source: str) -> str:
                         "save the file as UTF-8") from None  # fmt: skip
 
 
-def load_hub_dataset(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
+def load_hub_dataset(source: str, split: str) -> tuple[datasets.Dataset, str, Callable[[int], str]]:
     """A Hub dataset id or a local dataset directory, through `datasets.load_dataset`."""
-    import datasets
-
     try:
         dataset = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
@@ -92,7 +120,7 @@ def load_hub_dataset(source: str, split: str) -> tuple[list[dict[str, Any]], str
             f"{source}: could not load split '{split}' ({error}); check --data.path / --data.split "
             "(offline, give a local file or dataset directory)"
         ) from None
-    return dataset.to_list(), f"{source}:{split}:{dataset._fingerprint}"
+    return dataset, f"{source}:{split}:{dataset._fingerprint}", lambda i: f"{source} ({split}) row {i}"
 
 
 def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, where: str) -> Prompt:

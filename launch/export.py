@@ -60,8 +60,10 @@ def run_dtype(checkpoint: Path) -> str:
     return "fp32" if config.get("dtype", config.get("torch_dtype")) == "float32" else "bf16"
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb: int) -> None:
+def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None, max_shard_mb: int) -> str:
+    """Returns the dtype written (the run's own unless given)."""
     sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete, unreadable or damaged checkpoints
+    dtype = dtype or run_dtype(checkpoint)
     hf_dir = checkpoint / "hf"
 
     def save_extras(directory: Path) -> None:
@@ -73,6 +75,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str, max_shard_mb:
         config.save_pretrained(directory)
 
     export_hf(sources, out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras, source=str(checkpoint))
+    return dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.source)
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
         check_destination(args.out_dir, checkpoint, run_dir, args.overwrite)
-        dtype = args.dtype or run_dtype(checkpoint)
-        export_checkpoint(checkpoint, args.out_dir, dtype, args.max_shard_size_mb)
+        dtype = export_checkpoint(checkpoint, args.out_dir, args.dtype, args.max_shard_size_mb)
     except (CheckpointError, ExportRefused, ExportError, OSError) as error:
         print(f"shardtune export: {error}", file=sys.stderr)
         return 2

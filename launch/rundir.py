@@ -104,6 +104,7 @@ def start_run(output_dir: str, replace_finished: bool, config_yaml: str) -> None
     """Owner only, when training starts: with --run.overwrite, only now remove the finished run it replaces (its
     artifacts, nothing else); write config.yaml; clear the preemption marker this start answers."""
     run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if replace_finished:
         for name in RUN_ARTIFACTS:
             path = run_dir / name

@@ -8,7 +8,11 @@ import torch
 
 
 class GlobalBatchSampler:
-    def __init__(self, num_examples: int, global_batch_size: int, seed: int) -> None:
+    """`lengths` (padded batches): each global batch is sorted by length before it is split into micro-batches, so a
+    micro-batch pads to its own longest example, not the batch's. The global batch, its loss and world-size invariance
+    are unchanged: only which rank and micro-step computes an example moves."""
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int, lengths: list[int] | None = None) -> None:
         if num_examples < global_batch_size:
             raise ValueError(
                 f"{num_examples} training examples cannot fill one global batch of {global_batch_size}; "
@@ -17,6 +21,7 @@ class GlobalBatchSampler:
         self.num_examples = num_examples
         self.global_batch_size = global_batch_size
         self.seed = seed
+        self.lengths = lengths
         # The incomplete last global batch of each epoch is dropped, as with DistributedSampler(drop_last=True).
         self.steps_per_epoch = num_examples // global_batch_size
         self._epoch, self._order = -1, None
@@ -38,5 +43,8 @@ class GlobalBatchSampler:
     def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
         """This rank's micro-batches for `step`: a contiguous 1/world_size slice of the global batch, in chunks."""
         per_rank = self.global_batch_size // world_size
-        mine = self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+        batch = self.global_batch(step)
+        if self.lengths is not None:
+            batch = sorted(batch, key=lambda i: (self.lengths[i], i))
+        mine = batch[rank * per_rank : (rank + 1) * per_rank]
         return [mine[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]

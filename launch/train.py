@@ -206,8 +206,8 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     apply_stage(backbone, config.train.stage)
     decay_names = decay_parameter_names(backbone.llm)
     flops = build_flop_counter(backbone.llm)
-    # shard: activation checkpointing -> FSDP2 per decoder layer, then root (still on meta)
-    fsdp = config.fsdp
+    # shard: activation checkpointing -> compile -> FSDP2 per decoder layer, then root (still on meta)
+    fsdp, train = config.fsdp, config.train
     model = apply_parallelism(
         backbone.llm,
         backbone.transformer_layer_cls,
@@ -217,12 +217,15 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         cpu_offload=fsdp.cpu_offload,
         reshard_after_forward=fsdp.sharding not in ("grad-op", "none"),
         unsharded_grad_accumulation=fsdp.unsharded_grad_accumulation,
+        compile=train.compile,
     )
     # materialise: allocate this rank's shards; recompute buffers no state dict carries (rotary inv_freq)
     materialize(model, env.device)
     backbone.init_non_persistent_buffers()
-    train = config.train
-    sampler = GlobalBatchSampler(len(prepared.train_data.dataset), train.global_batch_size, config.run.seed)
+    layout = batch_layout(config.data.packing, prepared.attn)
+    data = prepared.train_data
+    lengths = data.dataset["length"] if layout == "padded" else None  # padded micro-batches sorted by length
+    sampler = GlobalBatchSampler(len(data.dataset), train.global_batch_size, config.run.seed, lengths)
     total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
     # The schedule before the load: building it writes the step-0 learning rate into the optimizer, which the
     # checkpoint's optimizer state must then overwrite, not the other way round.
@@ -249,7 +252,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         prepared.eval_data,
         backbone.tokenizer.pad_token_id,
         metrics,
-        batch_layout(config.data.packing, prepared.attn),
+        layout,
         flops,
         peak,
     )

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from backbones.loss import cross_entropy_sum
 from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
 from launch.config import TrainConfig
 from launch.data import IGNORE_INDEX, TokenizedData, collate
@@ -23,16 +23,14 @@ from launch.sampler import GlobalBatchSampler
 log = logging.getLogger(__name__)
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor | int]) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over supervised tokens, in fp32."""
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor | int], chunk_tokens: int = 0) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over supervised tokens, in fp32; with `chunk_tokens`, the head and
+    the loss run over chunks of tokens and no full fp32 logits exist (backbones/loss.py)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if chunk_tokens and hasattr(model, "chunked_loss_sum"):
+        return model.chunked_loss_sum(batch["labels"], chunk_tokens, **inputs)
     logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return cross_entropy_sum(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -71,7 +69,8 @@ class Trainer:
         """The micro-batch on the device, and the lengths of its examples (real tokens, no padding)."""
         examples = [data.dataset[i] for i in indices]
         layout = self.layout if self.layout == "flat" or data.packed else "padded"
-        batch = collate(examples, self.pad_id, layout)
+        # Under torch.compile, widths come in buckets of 64 so that shapes repeat and nothing recompiles.
+        batch = collate(examples, self.pad_id, layout, bucket=64 if self.train.compile else 1)
         lengths = [n for e in examples for n in (e.get("lengths") or [len(e["input_ids"])])]
         device = self.env.device
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, lengths
@@ -82,16 +81,17 @@ class Trainer:
         micro = self.sampler.micro_batches(self.step, self.env.rank, self.env.world_size, self.train.micro_batch_size)
         batches, lengths = zip(*(self.batch(self.train_data, indices) for indices in micro))
         local_tokens = sum(supervised_tokens(b) for b in batches)
-        # Tokens the model processed: non-padding positions, or whole rows when packed.
-        local_inputs = sum(
-            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
-        )
+        # Real tokens (the examples' own) and the padding computed beside them (none on the flat path).
+        local_inputs = sum(n for group in lengths for n in group)
+        local_padding = sum(b["input_ids"].numel() for b in batches) - local_inputs
         local_flops = self.flops.step_flops(n for group in lengths for n in group) if self.flops else 0.0
-        tokens, inputs, flops = all_reduce_sum([local_tokens, local_inputs, local_flops], self.env.device)
+        tokens, inputs, padding, flops = all_reduce_sum(
+            [local_tokens, local_inputs, local_padding, local_flops], self.env.device
+        )
         loss_sum = torch.zeros((), device=self.env.device)
         for k, batch in enumerate(batches):
             set_gradient_sync(self.model, last_micro_step=k == len(batches) - 1)
-            loss = token_loss_sum(self.model, batch)
+            loss = token_loss_sum(self.model, batch, self.train.loss_chunk_tokens)
             # Divide by the global supervised-token count: gradients are summed over ranks and micro-steps, so the
             # step's gradient is that of (all token losses of the global batch) / (all its supervised tokens).
             (loss / max(tokens, 1.0)).backward()
@@ -112,6 +112,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": int(tokens),
             "input_tokens": int(inputs),
+            "padding_tokens": int(padding),
             "tokens_per_s": inputs / elapsed,
             "step_time_s": elapsed,
         }
@@ -136,7 +137,7 @@ class Trainer:
             batch, _ = self.batch(data, indices or [0])
             if not indices:
                 batch["labels"].fill_(IGNORE_INDEX)
-            loss_sum += float(token_loss_sum(self.model, batch))
+            loss_sum += float(token_loss_sum(self.model, batch, self.train.loss_chunk_tokens))
             token_sum += supervised_tokens(batch)
         self.model.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum, token_sum], self.env.device)

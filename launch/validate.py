@@ -20,6 +20,7 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "constant"),
     ("fsdp", "sharding"): ("full", "grad-op", "hybrid", "none"),
     ("fsdp", "mixed_precision"): ("bf16", "fp32"),
+    ("fsdp", "activation_checkpointing"): ("none", "full", "selective"),
     ("export", "dtype"): ("bf16", "fp32"),
 }
 

@@ -143,7 +143,8 @@ VARIANTS = {
         ["--fsdp.cpu_offload", "true"],
         {"offload_to_cpu": [True], "param_devices": ["cpu"], "optimizer_state_devices": ["cpu"]},
     ),
-    "activation_checkpointing": (["--fsdp.activation_checkpointing", "true"], {"checkpointed_blocks": 4}),
+    "activation_checkpointing": (["--fsdp.activation_checkpointing", "full"], {"checkpointed_blocks": 4}),
+    "selective_checkpointing": (["--fsdp.activation_checkpointing", "selective"], {"checkpointed_blocks": 4}),
 }
 
 
@@ -198,3 +199,13 @@ def test_each_fsdp_flag_takes_effect_and_trains_like_full_sharding_in_fp32(full_
     full, other = read_metrics(full_sharding_run)[0], read_metrics(out)[0]
     assert [r["loss"] for r in full] == pytest.approx([r["loss"] for r in other], abs=1e-5)
     assert (out / "final" / "model.safetensors").is_file()  # the export ran after the step
+
+
+def test_compile_matches_eager_losses_and_stops_compiling_after_warm_up(tmp_path):
+    common = [*FP32, "--train.max_steps", "6", "--train.global_batch_size", "8", "--train.micro_batch_size", "4"]
+    ok(inspect_run([*common, "--run.output_dir", str(tmp_path / "eager")], 0))
+    ok(inspect_run([*common, "--train.compile", "true", "--run.output_dir", str(tmp_path / "compiled")], 0))
+    eager, compiled = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "compiled")[0]
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-5)
+    graphs = json.loads((tmp_path / "compiled" / "inspect.json").read_text())["graphs_per_step"]
+    assert graphs[0] > 0 and graphs[2:] == [graphs[2]] * (len(graphs) - 2), graphs  # nothing new after step 2

@@ -36,7 +36,7 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, nu
 @dataclass
 class Variant:
     attn: str = "sdpa"
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective
     mixed_precision: str = "bf16"
     cpu_offload: bool = False
     stage: str = "full"

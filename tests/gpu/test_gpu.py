@@ -91,7 +91,7 @@ def test_flash_kernel_gives_each_packed_example_the_logits_sdpa_gives_it_with_a_
         assert (got[a:b] - ref[i, : b - a]).abs().max() <= 0.02 * scale + 1e-2, (kernel, i)
 
 
-def peak(gpu_group, micro_batches: int, checkpointing: bool = False, rows: int = 1, seq: int = 2048) -> dict:
+def peak(gpu_group, micro_batches: int, checkpointing: str = "none", rows: int = 1, seq: int = 2048) -> dict:
     import harness
 
     shape = {**harness.LLAMA_1B, "num_hidden_layers": 8}  # ~0.5B: quick, and memory well above the noise
@@ -110,7 +110,7 @@ def test_eight_accumulation_micro_steps_cost_at_most_10_percent_more_memory_than
 
 
 def test_activation_checkpointing_lowers_peak_memory(gpu_group):
-    off, on = peak(gpu_group, 1, rows=2, seq=4096), peak(gpu_group, 1, checkpointing=True, rows=2, seq=4096)
+    off, on = peak(gpu_group, 1, rows=2, seq=4096), peak(gpu_group, 1, checkpointing="full", rows=2, seq=4096)
     # What a step adds above weights and optimizer state: activations (and logits, which checkpointing keeps).
     added_off = off["peak_memory_gib"] - off["static_memory_gib"]
     added_on = on["peak_memory_gib"] - on["static_memory_gib"]

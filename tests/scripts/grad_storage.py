@@ -45,11 +45,11 @@ def main() -> None:
     original = launch.trainer.token_loss_sum
     calls = {"n": 0}
 
-    def measured(model, batch):
+    def measured(model, batch, *args):
         if calls["n"] % 2:  # two micro-steps per optimizer step: measure before the second
             seen.append(gradient_bytes(model))
         calls["n"] += 1
-        return original(model, batch)
+        return original(model, batch, *args)
 
     launch.trainer.token_loss_sum = measured
     trainer = None

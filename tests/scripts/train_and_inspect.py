@@ -33,7 +33,25 @@ def fsdp_settings(model) -> dict:
     }
 
 
+def count_graphs_per_step() -> list[int]:
+    """torch.compile's graph count after every training step (recompiles show as growth)."""
+    import torch._dynamo.utils
+
+    import launch.trainer
+
+    counts, original = [], launch.trainer.Trainer.train_step
+
+    def counted(self):
+        record = original(self)
+        counts.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+        return record
+
+    launch.trainer.Trainer.train_step = counted
+    return counts
+
+
 def main() -> None:
+    graphs = count_graphs_per_step()
     env = read_env()
     setup_logging(is_rank0())
     prepared = prepare(sys.argv[1:], env)
@@ -70,6 +88,7 @@ def main() -> None:
                         "optimizer_state_devices": sorted({str(getattr(t, "device", "?")) for t in state}),
                         "backend": str(dist.get_backend_config()),
                         "compute_dtype": seen[0],
+                        "graphs_per_step": graphs,
                         **fsdp_settings(model),
                     }
                 )
