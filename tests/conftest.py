@@ -122,16 +122,15 @@ def metrics_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
 
 
+# The uninterrupted reference run that resume tests compare against: 24 steps, checkpoints every 4 (newest 2 kept).
+REFERENCE_STEPS = 24
+REFERENCE = [*FP32_SMALL, "--train.max_steps", str(REFERENCE_STEPS), "--checkpoint.every_steps", "4"]
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-    """An uninterrupted 2-process run: 48 steps, checkpoints every 4 (the newest 2 kept)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    ok(
-        run_cli(
-            [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(out)],
-            nproc=2,
-        )
-    )
+    ok(run_cli([*REFERENCE, "--run.output_dir", str(out)], nproc=2))
     return out
 
 

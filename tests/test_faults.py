@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import (
     FP32_SMALL,
+    REFERENCE,
+    REFERENCE_STEPS,
     ROOT,
     TINY,
     descendants,
@@ -289,7 +291,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_sigkill_of_the_torchrun_agent_stops_its_workers_and_the_rerun_is_bitwise_equal(reference_run, tmp_path):
     run = tmp_path / "run"
-    args = [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(run)]
+    args = [*REFERENCE, "--run.output_dir", str(run)]
     agent = start(args, tmp_path / "agent.log")
     wait_for(lambda: (run / "checkpoints" / "latest").exists() and max(metrics_steps(run) or [0]) >= 6)
     workers = [pid for pid in descendants(agent.pid) if "launch.train" in Path(f"/proc/{pid}/cmdline").read_text()]
@@ -299,9 +301,9 @@ def test_sigkill_of_the_torchrun_agent_stops_its_workers_and_the_rerun_is_bitwis
     killed = time.time()
     wait_for(lambda: not any(alive(pid) for pid in workers), timeout=15)
     assert time.time() - killed < 15
-    assert 6 <= max(metrics_steps(run)) < 48 and not (run / "final").exists()
+    assert 6 <= max(metrics_steps(run)) < REFERENCE_STEPS and not (run / "final").exists()
     ok(run_cli(args, nproc=2))
-    assert metrics_steps(run) == list(range(1, 49))
+    assert metrics_steps(run) == list(range(1, REFERENCE_STEPS + 1))
     expected, got = load_final(reference_run), load_final(run)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -330,14 +332,15 @@ def test_a_second_launch_is_refused_and_ctrl_c_saves_a_checkpoint_and_exits_clea
 def test_a_damaged_newest_checkpoint_resumes_from_the_previous_and_a_lost_export_only_exports(reference_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference_run / "checkpoints", run / "checkpoints")
-    newest = run / "checkpoints" / "step-000048"
+    newest = run / "checkpoints" / f"step-{REFERENCE_STEPS:06d}"
     (newest / "__1_0.distcp").write_bytes((newest / "__1_0.distcp").read_bytes()[:100])  # truncated
-    shutil.copytree(run / "checkpoints" / "step-000044", run / "checkpoints" / ".step-000052.tmp")  # a killed save
-    args = [*FP32_SMALL, "--train.max_steps", "48", "--checkpoint.every_steps", "4", "--run.output_dir", str(run)]
+    previous = run / "checkpoints" / f"step-{REFERENCE_STEPS - 4:06d}"
+    shutil.copytree(previous, run / "checkpoints" / ".step-000052.tmp")  # a killed save
+    args = [*REFERENCE, "--run.output_dir", str(run)]
     result = ok(run_cli(args, nproc=1))
     warnings = [line for line in result.stderr.splitlines() if "skipping damaged checkpoint" in line]
     assert len(warnings) == 1 and "__1_0.distcp is truncated" in warnings[0]
-    assert f"resuming from {run / 'checkpoints' / 'step-000044'}" in result.stderr
+    assert f"resuming from {previous}" in result.stderr
     assert not (run / "checkpoints" / ".step-000052.tmp").exists()
     expected, got = load_final(reference_run), load_final(run)
     for name in expected:  # 4 Adam steps on 1 process after 44 on 2: equal up to summation order

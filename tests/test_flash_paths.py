@@ -4,6 +4,8 @@ micro-batch of several rows, packed or not, must get exactly the logits it gets 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import standins
 import torch
@@ -107,30 +109,26 @@ FP32_PACKED = [
 
 
 @pytest.fixture(scope="module")
-def sdpa_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdpa") / "run"
-    ok(run_cli([*FP32_PACKED, "--model.attn_implementation", "sdpa", "--run.output_dir", str(out)], nproc=2))
-    return out
+def kernel_runs(tmp_path_factory):
+    """SDPA and both flash kernels (stand-ins), 4 packed steps each on 2 processes: one launch."""
+    out = tmp_path_factory.mktemp("kernels")
+    variants = {kernel: ["--model.attn_implementation", kernel] for kernel in ["sdpa", *KERNELS]}
+    result = ok(run_cli([*FP32_PACKED, "--run.output_dir", str(out), "--variants", json.dumps(variants)], nproc=2,
+                        script="train_with_standins.py"))  # fmt: skip
+    return out, result.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_short_training_on_each_flash_path_matches_sdpa(sdpa_run, tmp_path, kernel):
+def test_short_training_on_each_flash_path_matches_sdpa(kernel_runs, kernel):
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    result = ok(
-        run_cli(
-            [kernel, *FP32_PACKED, "--model.attn_implementation", kernel, "--run.output_dir", str(out)],
-            nproc=2,
-            script="train_with_standins.py",
-        )
-    )
-    assert f"attention: {kernel} (requested), padding-free batches" in result.stderr
-    expected, got = read_metrics(sdpa_run)[0], read_metrics(out)[0]
+    out, stderr = kernel_runs
+    assert f"attention: {kernel} (requested), padding-free batches" in stderr
+    expected, got = read_metrics(out / "sdpa")[0], read_metrics(out / kernel)[0]
     assert [r["tokens"] for r in got] == [r["tokens"] for r in expected]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], abs=1e-5)
     assert all(r["padding_tokens"] == 0 < r_sdpa["padding_tokens"] for r, r_sdpa in zip(got, expected))  # none computed
     assert [r["input_tokens"] for r in got] == [r["input_tokens"] for r in expected]  # the same real tokens
     # The export names no shardtune-only attention: plain transformers loads it.
-    assert AutoModelForCausalLM.from_pretrained(out / "final").config._attn_implementation in ("sdpa", "eager")
+    assert AutoModelForCausalLM.from_pretrained(out / kernel / "final").config._attn_implementation in ("sdpa", "eager")

@@ -149,60 +149,31 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def full_sharding_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "run"
-    ok(
-        inspect_run(
-            [
-                *FP32,
-                "--train.max_steps",
-                "3",
-                "--train.global_batch_size",
-                "8",
-                "--train.micro_batch_size",
-                "2",
-                "--run.output_dir",
-                str(out),
-            ],
-            2,
-        )
-    )
-    inspected = json.loads((out / "inspect.json").read_text())
-    assert inspected["reshard_after_forward"] == [True] and inspected["offload_to_cpu"] == [False]
-    assert inspected["checkpointed_blocks"] == 0
+def flag_runs(tmp_path_factory):
+    """Full sharding and every variant, 3 steps each on 2 processes: one launch, one process group."""
+    out = tmp_path_factory.mktemp("flags")
+    variants = {"full": [], **{name: flags for name, (flags, _) in VARIANTS.items()}}
+    args = [*FP32, "--train.max_steps", "3", "--train.global_batch_size", "8", "--train.micro_batch_size", "2"]
+    ok(inspect_run([*args, "--run.output_dir", str(out), "--variants", json.dumps(variants)], 2))
+    full = json.loads((out / "full" / "inspect.json").read_text())
+    assert full["reshard_after_forward"] == [True] and full["offload_to_cpu"] == [False]
+    assert full["checkpointed_blocks"] == 0
     return out
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_each_fsdp_flag_takes_effect_and_trains_like_full_sharding_in_fp32(full_sharding_run, tmp_path, variant):
-    flags, expected = VARIANTS[variant]
-    out = tmp_path / "variant"
-    ok(
-        inspect_run(
-            [
-                *FP32,
-                "--train.max_steps",
-                "3",
-                "--train.global_batch_size",
-                "8",
-                "--train.micro_batch_size",
-                "2",
-                *flags,
-                "--run.output_dir",
-                str(out),
-            ],
-            2,
-        )
-    )
-    inspected = json.loads((out / "inspect.json").read_text())
+def test_each_fsdp_flag_takes_effect_and_trains_like_full_sharding_in_fp32(flag_runs, variant):
+    _, expected = VARIANTS[variant]
+    inspected = json.loads((flag_runs / variant / "inspect.json").read_text())
     assert {key: inspected[key] for key in expected} == expected
-    full, other = read_metrics(full_sharding_run)[0], read_metrics(out)[0]
+    full, other = read_metrics(flag_runs / "full")[0], read_metrics(flag_runs / variant)[0]
     assert [r["loss"] for r in full] == pytest.approx([r["loss"] for r in other], abs=1e-5)
-    assert (out / "final" / "model.safetensors").is_file()  # the export ran after the step
+    assert (flag_runs / variant / "final" / "model.safetensors").is_file()  # the export ran after the step
 
 
 def test_compile_matches_eager_losses_and_stops_compiling_after_warm_up(tmp_path):
-    common = [*FP32, "--train.max_steps", "6", "--train.global_batch_size", "8", "--train.micro_batch_size", "4"]
+    common = [*FP32, "--train.max_steps", "4", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
+              "--data.packing", "true"]  # fmt: skip
     ok(inspect_run([*common, "--run.output_dir", str(tmp_path / "eager")], 0))
     ok(inspect_run([*common, "--train.compile", "true", "--run.output_dir", str(tmp_path / "compiled")], 0))
     eager, compiled = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "compiled")[0]

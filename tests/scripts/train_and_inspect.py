@@ -50,12 +50,8 @@ def count_graphs_per_step() -> list[int]:
     return counts
 
 
-def main() -> None:
-    graphs = count_graphs_per_step()
-    env = read_env()
-    setup_logging(is_rank0())
-    prepared = prepare(sys.argv[1:], env)
-    init_distributed(env, cpu_collectives=prepared.config.fsdp.cpu_offload)
+def inspect_run(prepared, env, graphs: list[int]) -> None:
+    """Train through fit_and_export, then write inspect.json and inspect_logits.pt into the run directory."""
     trainer = model = None
     try:
         trainer = fit_and_export(prepared, env)
@@ -78,23 +74,45 @@ def main() -> None:
             out = Path(prepared.config.run.output_dir)
             torch.save({"batch": batch, "logits": logits.float()}, out / "inspect_logits.pt")
             local = [p.to_local() for p in model.parameters()]
-            (out / "inspect.json").write_text(
-                json.dumps(
-                    {
-                        "param_dtypes": sorted(
-                            {str(p.dtype) for p in model.parameters()} | {str(t.dtype) for t in local}
-                        ),
-                        "param_devices": sorted({str(t.device) for t in local}),
-                        "optimizer_state_devices": sorted({str(getattr(t, "device", "?")) for t in state}),
-                        "backend": str(dist.get_backend_config()),
-                        "compute_dtype": seen[0],
-                        "graphs_per_step": graphs,
-                        **fsdp_settings(model),
-                    }
-                )
-            )
+            inspected = {
+                "param_dtypes": sorted({str(p.dtype) for p in model.parameters()} | {str(t.dtype) for t in local}),
+                "param_devices": sorted({str(t.device) for t in local}),
+                "optimizer_state_devices": sorted({str(getattr(t, "device", "?")) for t in state}),
+                "backend": str(dist.get_backend_config()),
+                "compute_dtype": seen[0],
+                "graphs_per_step": graphs,
+                **fsdp_settings(model),
+            }
+            (out / "inspect.json").write_text(json.dumps(inspected))
     finally:
-        prepared = trainer = model = None  # release the sharded model before its process groups (see launch.train)
+        trainer = model = prepared = None  # release the sharded model before its process groups (see launch.train)
+        gc.collect()
+
+
+def main() -> None:
+    """ARGS [--variants JSON]: with variants ({name: [flags]}), one run per variant in one process group, each into
+    OUTPUT_DIR/name (one launch instead of one per variant)."""
+    graphs = count_graphs_per_step()
+    argv = sys.argv[1:]
+    variants = {"": []}
+    if "--variants" in argv:
+        i = argv.index("--variants")
+        variants = json.loads(argv[i + 1])
+        del argv[i : i + 2]
+    env = read_env()
+    setup_logging(is_rank0())
+    runs = []
+    for name, flags in variants.items():
+        prepared = prepare([*argv, *flags], env)
+        if name:
+            prepared = prepare([*argv, *flags, "--run.output_dir", f"{prepared.config.run.output_dir}/{name}"], env)
+        runs.append(prepared)
+    init_distributed(env, cpu_collectives=any(p.config.fsdp.cpu_offload for p in runs))
+    try:
+        for prepared in runs:
+            inspect_run(prepared, env, graphs)
+    finally:
+        runs = None
         gc.collect()
         teardown()
 

@@ -1,8 +1,6 @@
-"""Test driver (torchrun or plain python): `launch.train` with one flash kernel replaced by its exact torch stand-in
-(tests/standins.py), so the padding-free path trains on CPU exactly as it dispatches on a GPU.
-
-    train_with_standins.py flash_attention_2|torch_varlen [launch.train arguments]
-"""
+"""Test driver (torchrun or plain python): the inspect driver (train_and_inspect.py, with its --variants) with both
+flash kernels replaced by their exact torch stand-ins (tests/standins.py), so the padding-free paths train on CPU
+exactly as they dispatch on a GPU."""
 
 from __future__ import annotations
 
@@ -10,11 +8,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import standins  # noqa: E402
 
 if __name__ == "__main__":
-    standins.install_all(sys.argv[1])
-    from launch.train import main
+    standins.install_all("flash_attention_2")
+    standins.install_all("torch_varlen")
+    import train_and_inspect
 
-    sys.exit(main(sys.argv[2:]))
+    train_and_inspect.main()
