@@ -17,7 +17,7 @@ GPU_SITE ?= /tmp/shardtune-site
 GPU_OUT ?= gpu-check
 GPU_WHEELS := datasets dill multiprocess draccus mergedeep toml typing-inspect mypy-extensions
 
-.PHONY: install tiny smoke test test-fast test-slurm lint bench bench-load gpu-check gpu-wheels clean
+.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ tiny: install  ## build the offline tiny LLaMA-2 and the bundled data into the c
 smoke: install  ## 2-process torchrun full fine-tune of the tiny model on CPU, before/after eval, generation
 	$(BIN)/python -m launch.smoke --nproc $(NPROC)
 
+smoke-lora: install  ## the same with LoRA adapters (recipes/tiny-lora.yaml)
+	$(BIN)/python -m launch.smoke --nproc $(NPROC) --recipe recipes/tiny-lora.yaml --output-dir runs/smoke-lora
+
 test: install  ## both tiers: in-process tests, then the multi-process (torchrun, Slurm) ones
 	$(BIN)/python -m pytest -q -ra tests
 
@@ -49,10 +52,13 @@ lint: install  ## ruff: formatting and lint, line length 120 (pyproject.toml)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-bench: bench-load
+bench: bench-load bench-data  ## every benchmark (each prints a table the README quotes)
 
 bench-load: install  ## load memory three ways (every rank, rank 0 + second model, streamed), save and export times
 	$(BIN)/python tests/bench/bench_load.py --nproc $(NPROC)
+
+bench-data: install  ## data preparation, old path vs Arrow batches, 2 ranks, 100k and 1M alpaca rows
+	$(BIN)/python tests/bench/bench_data.py
 
 gpu-wheels: install  ## download what gpu-check needs beyond torch + transformers into .whl/ (needs network)
 	mkdir -p .whl

@@ -27,6 +27,8 @@ from transformers import (
 )
 
 from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch_varlen attention implementation)
+from backbones.hub import hub_unreachable, offline_advice
+from backbones.lora import init_adapter, is_adapter, pretrained_name
 from backbones.loss import causal_lm_loss_sum
 from backbones.prompting import PromptBuilder
 from backbones.weights import SafetensorsReader, WeightsError
@@ -69,6 +71,11 @@ class LLMBackbone(nn.Module, ABC):
     @property
     @abstractmethod
     def last_layer_finetune_modules(self) -> Sequence[nn.Module]: ...
+
+    @property
+    def linear_layer_names(self) -> tuple[str, ...]:
+        """The linear layers of a decoder block, by module name: LoRA's default targets."""
+        raise NotImplementedError
 
     @property
     def embed_dim(self) -> int:
@@ -187,6 +194,9 @@ class HFCausalLLMBackbone(LLMBackbone):
         tied = bool(getattr(self.llm.config, "tie_word_embeddings", False))
 
         def read(name: str) -> torch.Tensor:
+            if is_adapter(name):  # a LoRA matrix: peft's initialisation (rank 0 draws it; every rank gets it)
+                return init_adapter(name, shapes[name])
+            name, wanted = pretrained_name(name), name
             if name not in reader.entries and tied and name == "lm_head.weight":
                 name = "model.embed_tokens.weight"
             if name not in reader.entries:
@@ -194,7 +204,7 @@ class HFCausalLLMBackbone(LLMBackbone):
                     f"{self.hf_hub_path}: the weights have no tensor '{name}'; is this a "
                     f"{type(self.llm).__name__} checkpoint?"
                 )
-            tensor, shape = reader.read(name).to(torch.float32), shapes[name]
+            tensor, shape = reader.read(name).to(torch.float32), shapes[wanted]
             if tensor.shape != shape and tensor.shape[1:] == shape[1:] and tensor.shape[0] < shape[0]:
                 tensor = grow_vocab_rows(tensor, shape[0])
             if tensor.shape != shape:
@@ -230,6 +240,11 @@ class HFCausalLLMBackbone(LLMBackbone):
             return GenerationConfig.from_model_config(config)
 
     def _load(self, loader: Callable, **kwargs):
+        if not self.is_local and hub_unreachable():
+            try:  # the Hub cache may hold it already
+                return loader(self.hf_hub_path, local_files_only=True, **kwargs)
+            except (OSError, ValueError):
+                raise OSError(offline_advice(f"'{self.hf_hub_path}' (backbone '{self.identifier}')")) from None
         token = None if self.is_local else read_hf_token(self.hf_token_file)
         try:
             return loader(self.hf_hub_path, token=token, **kwargs)

@@ -29,6 +29,10 @@ class LLaMa2LLMBackbone(HFCausalLLMBackbone):
         return torch.bfloat16
 
     @property
+    def linear_layer_names(self) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @property
     def last_layer_finetune_modules(self) -> Sequence[nn.Module]:
         return (self.llm.model.embed_tokens, self.llm.model.layers[-1], self.llm.lm_head)
 

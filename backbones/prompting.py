@@ -89,7 +89,11 @@ class Prompt:
 
 
 class PromptBuilder:
-    """Base class: `build(turns, system)` where turns are (user, assistant) pairs, in order."""
+    """Base class: `build(turns, system)` where turns are (user, assistant) pairs, in order. `chat_template` renders
+    the same text with transformers' `apply_chat_template` (exported with every model), and with
+    `add_generation_prompt` the text up to an answer, as `Prompt.until_answer` gives it."""
+
+    chat_template: str = ""
 
     def __init__(self, model_family: str) -> None:
         self.model_family = model_family
@@ -106,8 +110,23 @@ class PromptBuilder:
         raise NotImplementedError
 
 
+# Shared head of the chat templates: an optional system message, then user/assistant turns.
+_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+)
+
+
 class PurePromptBuilder(PromptBuilder):
     """`<s>In: {user}\\nOut: {answer}</s>In: ...`; a system prompt, if any, is a first line of its own."""
+
+    chat_template = _SYSTEM + (
+        "{{- bos_token -}}{%- if system -%}{{- system + '\\n' -}}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'In: ' + message['content'] + '\\nOut:' -}}"
+        "{%- else -%}{{- ' ' + message['content'] + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         if index == 0:
@@ -122,6 +141,18 @@ class LLaMa2ChatPromptBuilder(PromptBuilder):
     `[INST] {user} [/INST] {answer} ` tokenized on its own, then EOS; the system prompt opens the first user message
     as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`. Contents are stripped, as Meta's code does."""
 
+    chat_template = _SYSTEM + (
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- set content = message['content'] | trim -%}"
+        "{%- if loop.first and system -%}"
+        "{%- set content = ('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content) | trim -%}"
+        "{%- endif -%}"
+        "{{- bos_token + '[INST] ' + content + ' [/INST]' -}}"
+        "{%- else -%}{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         user = user.strip()
         if index == 0 and system:
@@ -133,6 +164,14 @@ class LLaMa2ChatPromptBuilder(PromptBuilder):
 
 class VicunaV15PromptBuilder(PromptBuilder):
     """FastChat's vicuna_v1.1 template (used by v1.5): `{system} USER: {user} ASSISTANT: {answer}</s>USER: ...`."""
+
+    chat_template = _SYSTEM + (
+        "{{- bos_token + (system or '" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "') + ' ' -}}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + ' ASSISTANT:' -}}"
+        "{%- else -%}{{- ' ' + message['content'] + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
 
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         if index == 0:

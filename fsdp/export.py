@@ -61,6 +61,7 @@ def export_hf(
     write: bool,
     save_extras: Callable[[Path], None],
     source: str = "",
+    weights_name: str = "model",
 ) -> None:
     """Write `out_dir` as a Hugging Face model directory. Every rank calls this (tensors may be gathered); only the
     rank with `write=True` writes. The directory appears complete or not at all: it is written under a temporary name
@@ -80,7 +81,8 @@ def export_hf(
     weight_map: dict[str, str] = {}
     total = 0
     for index, shard in enumerate(shards, start=1):
-        filename = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        filename = (f"{weights_name}.safetensors" if len(shards) == 1
+                    else f"{weights_name}-{index:05d}-of-{len(shards):05d}.safetensors")  # fmt: skip
         tensors = {}
         for name, _, fetch in shard:
             tensor = fetch()  # every rank, in the same order: the gathers are collectives
@@ -99,7 +101,9 @@ def export_hf(
         try:
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                (tmp / f"{weights_name}.safetensors.index.json").write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n"
+                )
             save_extras(tmp)
             (tmp / MARKER).write_text(json.dumps({"source": source, "dtype": dtype}, indent=2) + "\n")
             apply_umask(tmp)

@@ -20,6 +20,8 @@ import yaml
 
 @dataclass
 class ModelConfig:
+    """Which backbone, from where, with which attention kernel."""
+
     backbone: str = "llama2-tiny-chat"  # registry id, see backbones/registry.py
     path: Optional[str] = None  # local directory to load instead of the Hub path
     # auto (flash-attn, else torch_varlen, else sdpa) | flash_attention_2 | torch_varlen | sdpa | eager
@@ -29,6 +31,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The SFT data: file or Hub id, its format, the fields, length and packing."""
+
     path: str = "bundled"  # .jsonl/.json/.parquet file, a Hub dataset id, or `bundled`
     eval_path: Optional[str] = None  # eval file or Hub id; `bundled` data brings its own eval split
     format: str = "chat"  # alpaca | chat | text
@@ -46,7 +50,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "full"  # full | last-layer
+    """The training loop: stage, batch sizes, steps, optimizer, schedule, loss, progress lines."""
+
+    stage: str = "full"  # full | last-layer | lora (see the lora section)
     global_batch_size: int = 16  # examples (or packed rows) per optimizer step, over all ranks
     micro_batch_size: int = 4  # per rank per forward/backward
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
@@ -62,10 +68,27 @@ class TrainConfig:
     # logits exist at once (0: full logits, as transformers computes them).
     loss_chunk_tokens: int = 1024
     compile: bool = False  # torch.compile each decoder block (after activation checkpointing, before FSDP)
+    # Progress in a log file (not a terminal): a line every log_every_s seconds or log_every_steps steps (0: off).
+    log_every_s: float = 10.0
+    log_every_steps: int = 0
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters for --train.stage lora, built with peft."""
+
+    rank: int = 16  # r: the adapters' inner dimension
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input
+    # module names in the decoder blocks, e.g. [q_proj,v_proj]; empty: every linear layer (as OpenVLA does)
+    target_modules: List[str] = field(default_factory=list)
+    train_embeddings: bool = False  # also train embed_tokens and lm_head in full (new tokens such as <PAD>)
 
 
 @dataclass
 class FSDPConfig:
+    """Sharding, mixed precision, activation checkpointing, CPU offload, gradient accumulation."""
+
     sharding: str = "full"  # full | grad-op | hybrid | none
     mixed_precision: str = "bf16"  # bf16 (fp32 master weights, fp32 reduction) | fp32
     # none | full (recompute each decoder block in backward) | selective (keep matmul/attention outputs, recompute the
@@ -80,6 +103,8 @@ class FSDPConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Sharded resumable checkpoints: when, how many, async, and their collective timeout."""
+
     every_steps: int = 0  # 0 = by time only (every_minutes)
     every_minutes: float = 30.0  # also save when this long has passed since the last save; 0 = by steps only
     keep_last: int = 2  # older complete checkpoints are deleted
@@ -89,6 +114,8 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
+    """The run directory, seed, trackers, overwrite and resume, and the training collective timeout."""
+
     output_dir: str = "runs/default"
     seed: int = 42
     trackers: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always written) | wandb
@@ -102,15 +129,20 @@ class RunConfig:
 
 @dataclass
 class ExportConfig:
+    """The Hugging Face export written to final/."""
+
     dtype: str = "bf16"  # bf16 | fp32: dtype of the Hugging Face export in final/
     max_shard_size_mb: int = 5000  # safetensors files above this are split, with an index
 
 
 @dataclass
 class Config:
+    """A whole run: one section per stage of the pipeline."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)

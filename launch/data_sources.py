@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 
+from backbones.hub import hub_unreachable, offline_advice
 from backbones.prompting import BOS, EOS, Prompt, PromptBuilder
 from launch.bundled_data import bundled_path
 from launch.config import DataConfig, looks_local
@@ -113,6 +114,8 @@ def decode_utf8(raw: bytes, source: str) -> str:
 
 def load_hub_dataset(source: str, split: str) -> tuple[datasets.Dataset, str, Callable[[int], str]]:
     """A Hub dataset id or a local dataset directory, through `datasets.load_dataset`."""
+    if not Path(source).is_dir() and hub_unreachable():
+        raise DataError(offline_advice(f"the dataset '{source}'"))
     try:
         dataset = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:

@@ -17,12 +17,14 @@ import json
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources, find_latest_checkpoint
-from fsdp.export import DTYPES, MARKER, ExportError, export_hf
+from backbones.lora import LoraSettings, adapter_sources, merged_sources
+from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources, find_latest_checkpoint, read_checkpoint_meta
+from fsdp.export import DTYPES, MARKER, ExportError, TensorSource, export_hf
 
 
 class ExportRefused(ValueError):
@@ -60,10 +62,38 @@ def run_dtype(checkpoint: Path) -> str:
     return "fp32" if config.get("dtype", config.get("torch_dtype")) == "float32" else "bf16"
 
 
+def export_model(sources: list[TensorSource], out_dir: Path, dtype: str, max_shard_mb: int, write: bool,
+                 save_extras: Callable[[Path], None], lora: LoraSettings | None = None, base_path: str = "",
+                 source: str = "") -> None:  # fmt: skip
+    """A Hugging Face directory from a model's tensors (live and sharded: every rank calls this; or read offline). For
+    a LoRA model: the adapters merged into the weights, and the peft adapter (adapter_config.json +
+    adapter_model.safetensors, which `PeftModel.from_pretrained(base, OUT/adapter)` loads) in OUT/adapter."""
+    if lora is None:
+        export_hf(sources, out_dir, dtype, max_shard_mb, write, save_extras, source)
+        return
+    adapter = out_dir.parent / f".{out_dir.name}-adapter"
+
+    def adapter_config(directory: Path) -> None:
+        config = lora.peft_config()
+        config.base_model_name_or_path = base_path
+        config.save_pretrained(directory)
+
+    export_hf(adapter_sources(sources), adapter, dtype, 10**9, write, adapter_config, source, "adapter_model")
+
+    def extras_with_adapter(directory: Path) -> None:
+        save_extras(directory)
+        shutil.move(adapter, directory / "adapter")
+
+    export_hf(merged_sources(sources, lora), out_dir, dtype, max_shard_mb, write, extras_with_adapter, source)
+
+
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None, max_shard_mb: int) -> str:
     """Returns the dtype written (the run's own unless given)."""
     sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete, unreadable or damaged checkpoints
     dtype = dtype or run_dtype(checkpoint)
+    meta = read_checkpoint_meta(checkpoint)
+    lora = LoraSettings(**{**meta["lora_settings"], "target_modules": tuple(meta["lora_settings"]["target_modules"])}
+                        ) if meta.get("lora_settings") else None  # fmt: skip
     hf_dir = checkpoint / "hf"
 
     def save_extras(directory: Path) -> None:
@@ -74,7 +104,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None, max_sh
         config.dtype = "bfloat16" if dtype == "bf16" else "float32"
         config.save_pretrained(directory)
 
-    export_hf(sources, out_dir, dtype, max_shard_mb, write=True, save_extras=save_extras, source=str(checkpoint))
+    base = json.loads((hf_dir / "config.json").read_text()).get("_name_or_path", "")
+    export_model(sources, out_dir, dtype, max_shard_mb, True, save_extras, lora, base, str(checkpoint))
     return dtype
 
 

@@ -1,12 +1,15 @@
-"""Run output from rank 0 only: console logging (secrets redacted), `metrics.jsonl`, optional wandb, progress bar."""
+"""Run output from rank 0 only: console logging (secrets redacted), `metrics.jsonl` (with wall-clock and elapsed
+time), optional wandb, the loss plot at every evaluation, and progress on a terminal or in a log file."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -65,6 +68,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, trackers: list[str], config: dict, enabled: bool, wandb_project: str) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.started = time.monotonic()
         self.wandb = None
         if enabled and "wandb" in trackers:
             import wandb
@@ -94,12 +98,26 @@ class MetricsWriter:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3), "elapsed_s": round(time.monotonic() - self.started, 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record)
+        if "eval_loss" in record:
+            self.plot()
+
+    def plot(self) -> None:
+        """Redraw `loss.png` (best effort: a plot never stops a run)."""
+        from launch.plot import plot_runs
+
+        try:
+            plot_runs([self.path.parent], self.path.parent / "loss.png")
+        except Exception as error:  # e.g. a read-only or full disk: the metrics themselves were written
+            logging.getLogger(__name__).warning("could not draw %s: %s", self.path.parent / "loss.png", error)
 
     def close(self) -> None:
+        if self.enabled:
+            self.plot()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -112,16 +130,41 @@ def _wandb_id(run_dir: Path) -> str:
     return id_file.read_text().strip()
 
 
-def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """step/total, loss, tokens/s and ETA on rank 0; in a log file (Slurm, CI) one line every 30 s, not per step."""
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.1 if interactive else 30.0,
-    )
+class Progress:
+    """Training progress on rank 0: a tqdm bar on a terminal; in a file (Slurm output, CI logs), one log line every
+    `every_s` seconds or `every_steps` steps (whichever comes first; 0 turns one off) with step/total, loss, lr,
+    tokens/s and ETA, so that `tail -f` shows the run moving."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every_s: float = 10.0, every_steps: int = 0,
+                 interactive: bool | None = None) -> None:  # fmt: skip
+        self.total, self.done, self.enabled = total, initial, enabled
+        self.every_s, self.every_steps = every_s, every_steps
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = None
+        if enabled and self.interactive:
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.1)  # fmt: skip
+        self.start = self.last = time.monotonic()
+        self.first = initial
+
+    def step(self, record: dict) -> None:
+        self.done = record["step"]
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        due_steps = self.every_steps and (self.done - self.first) % self.every_steps == 0
+        if due_steps or (self.every_s and now - self.last >= self.every_s) or self.done == self.total:
+            self.last = now
+            per_step = (now - self.start) / max(1, self.done - self.first)
+            eta = datetime.timedelta(seconds=round(per_step * (self.total - self.done)))
+            logging.getLogger("launch.progress").info(
+                "step %d/%d | loss %.4f | lr %.3g | %.0f tok/s | ETA %s", self.done, self.total, record["loss"],
+                record["lr"], record["tokens_per_s"], eta)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

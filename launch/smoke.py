@@ -60,6 +60,7 @@ def exact_match(model, tokenizer, prompts: list[tuple[list[int], str, str]]) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--recipe", default="recipes/tiny-full.yaml", help="e.g. recipes/tiny-lora.yaml")
     parser.add_argument("--output-dir", default="runs/smoke")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's train.max_steps")
     parser.add_argument("--prompts", type=int, default=32)
@@ -82,7 +83,7 @@ def main() -> int:
         "-m",
         "launch.train",
         "--config",
-        "recipes/tiny-full.yaml",
+        args.recipe,
         "--run.output_dir",
         args.output_dir,
         "--run.overwrite",

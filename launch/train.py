@@ -11,13 +11,22 @@ parse -> build backbone -> build data -> pick checkpoint -> init distributed -> 
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+    # Before the imports below (torch, transformers: seconds): --help answers at once.
+    from launch.help import print_help
+
+    sys.exit(print_help())
+
 import copy
+import dataclasses
 import gc
 import hashlib
 import json
 import logging
 import os
-import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +34,7 @@ from pathlib import Path
 import torch
 
 from backbones import HFCausalLLMBackbone, build_backbone
+from backbones.lora import LoraSettings
 from backbones.weights import WeightsError
 from fsdp import (
     DistEnv,
@@ -38,21 +48,23 @@ from fsdp import (
     teardown,
 )
 from fsdp.checkpoint import CheckpointError, CheckpointManager, SavePolicy
-from fsdp.dist import collective_failure, set_collective_timeout
-from fsdp.export import ExportError, export_hf, model_tensor_sources
+from fsdp.dist import all_gather_object, collective_failure, set_collective_timeout
+from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
 from launch.data import TokenizedData, batch_layout, build_tokenized
 from launch.data_sources import DataError
+from launch.export import export_model
 from launch.flops import build_flop_counter, peak_bf16_flops
 from launch.lifecycle import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, watch_launcher
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
 from launch.preemption import PreemptionHandler
+from launch.record import peak_memory_gib, write_run_record, write_summary
 from launch.rundir import RunDirError, RunDirLock, check_run_dir, clean_leftovers, start_run
 from launch.sampler import GlobalBatchSampler
-from launch.stage import apply_stage
+from launch.stage import apply_stage, lora_settings, lora_target_problems
 from launch.step_end import StepEnd, Stopped
 from launch.trainer import Trainer
 from launch.validate import validate_config
@@ -73,6 +85,7 @@ class Prepared:
     checkpoints: CheckpointManager
     resume_from: Path | None
     replace_finished: bool  # --run.overwrite over a finished run: removed once this run starts training
+    lora: LoraSettings | None  # for --train.stage lora
 
 
 BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, CheckpointError, WeightsError, OSError)
@@ -98,6 +111,9 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
         model.backbone, path=model.path, hf_token_file=model.hf_token_file, attn_implementation=attn, load_weights=False
     )
     backbone.check_weights()  # a local directory's safetensors headers: truncated or malformed files, by name
+    lora = lora_settings(config, backbone)
+    if problems := lora_target_problems(backbone, lora):
+        raise ConfigError(f"invalid configuration: {problems[0]}")
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
     train_data = build_tokenized(config.data, backbone, "train")
     check_fills_a_batch(train_data, config)
@@ -105,10 +121,10 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     # resume: the newest intact checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
     hf_extras = hf_extras_writer(config, backbone)
-    checkpoints = build_checkpoint_manager(config, env, hf_extras)
+    checkpoints = build_checkpoint_manager(config, env, hf_extras, lora)
     replace = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
     resume_from = None if replace else checkpoints.select(config.run.resume)
-    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace)
+    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace, lora)
 
 
 def check_fills_a_batch(data: TokenizedData, config: Config) -> None:
@@ -179,10 +195,13 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[Path], None]) -> CheckpointManager:
+def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[Path], None],
+                             lora: LoraSettings | None) -> CheckpointManager:  # fmt: skip
     identity = {
         "backbone": config.model.backbone,
         "stage": config.train.stage,
+        "lora": lora.describe() if lora else "-",  # a LoRA checkpoint resumes only with the same adapters
+        "lora_settings": dataclasses.asdict(lora) if lora else None,  # for the offline export
         "world_size": env.world_size,
         "config_digest": config_digest(config),
     }
@@ -192,7 +211,7 @@ def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[
         SavePolicy(ckpt.every_steps, ckpt.every_minutes, ckpt.keep_last, ckpt.async_save, ckpt.timeout_s),
         identity,
         env.device,
-        must_match={"backbone": "--model.backbone", "stage": "--train.stage"},
+        must_match={"backbone": "--model.backbone", "stage": "--train.stage", "lora": "--lora.*"},
         hf_extras=hf_extras,
     )
 
@@ -203,7 +222,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     run_dir = Path(config.run.output_dir)
     torch.manual_seed(config.run.seed)
     # stage: freeze per recipe, and decide decay groups and the FLOP count from unsharded names and shapes
-    apply_stage(backbone, config.train.stage)
+    apply_stage(backbone, config.train.stage, prepared.lora)
     decay_names = decay_parameter_names(backbone.llm)
     flops = build_flop_counter(backbone.llm)
     # shard: activation checkpointing -> compile -> FSDP2 per decoder layer, then root (still on meta)
@@ -237,7 +256,9 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     # start: only now may a finished run that --run.overwrite replaces go; then config.yaml and the trackers
     if is_rank0():
         start_run(config.run.output_dir, prepared.replace_finished, dump_config(config))
+        write_run_record(run_dir, env)
     barrier()
+    started = time.monotonic()
     peak = peak_bf16_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
     metrics = MetricsWriter(run_dir, config.run.trackers, config_to_dict(config), is_rank0(), config.run.wandb_project)
     trainer = Trainer(
@@ -283,7 +304,11 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         metrics.close()
     # export: final/ from the trained state, which the last step's checkpoint also holds (a failed export only needs
     # the same command again)
-    export_final(config, model, run_dir / "final", prepared.hf_extras)
+    export_final(config, model, run_dir / "final", prepared.hf_extras, prepared.lora, backbone.hf_hub_path)
+    peaks = all_gather_object(peak_memory_gib(env.device))
+    if is_rank0():
+        saved = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+        write_summary(run_dir, time.monotonic() - started, peaks, saved, run_dir / "final")
     log.info("done: %s", run_dir / "final")
     return trainer
 
@@ -292,6 +317,8 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
     """Writes everything of a Hugging Face directory but the weights: config (in export.dtype, cache on),
     generation config and tokenizer (with its pad token)."""
     hf_config = copy.deepcopy(backbone.llm.config)
+    tokenizer = copy.deepcopy(backbone.tokenizer)
+    tokenizer.chat_template = backbone.prompt_builder_fn.chat_template  # the family's format, for apply_chat_template
     hf_config.use_cache = True
     hf_config.dtype = "bfloat16" if config.export.dtype == "bf16" else "float32"
     generation_config = copy.deepcopy(backbone.llm.generation_config)
@@ -300,21 +327,18 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
     def save_extras(directory: Path) -> None:
         hf_config.save_pretrained(directory)
         generation_config.save_pretrained(directory)
-        backbone.tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
 
     return save_extras
 
 
-def export_final(config: Config, model, out_dir: Path, hf_extras: Callable[[Path], None]) -> None:
-    """final/: a Hugging Face directory in `export.dtype` that plain transformers loads."""
-    export_hf(
-        model_tensor_sources(model),
-        out_dir,
-        config.export.dtype,
-        config.export.max_shard_size_mb,
-        write=is_rank0(),
-        save_extras=hf_extras,
-    )
+def export_final(config: Config, model, out_dir: Path, hf_extras: Callable[[Path], None],
+                 lora: LoraSettings | None, base_path: str) -> None:  # fmt: skip
+    """final/: a Hugging Face directory in `export.dtype` that plain transformers loads (LoRA merged in), and for a
+    LoRA run final/adapter/, the peft adapter."""
+    export = config.export
+    export_model(model_tensor_sources(model), out_dir, export.dtype, export.max_shard_size_mb, is_rank0(), hf_extras,
+                 lora, base_path)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradien
 from launch.config import TrainConfig
 from launch.data import IGNORE_INDEX, TokenizedData, collate
 from launch.flops import FlopCounter
-from launch.metrics import MetricsWriter, progress_bar
+from launch.metrics import MetricsWriter, Progress
 from launch.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         record = {
             "step": self.step,
-            "epoch": self.sampler.position(self.step - 1)[0],
+            "epoch": round(self.step / self.sampler.steps_per_epoch, 4),  # fractional: 1.0 = one pass over the data
             "loss": total_loss / max(tokens, 1.0),
             "lr": lr,
             "grad_norm": grad_norm,
@@ -147,15 +147,14 @@ class Trainer:
         """Train to `total_steps`. `on_step_end` (checkpointing, signals) runs after every step; it stops training
         by raising."""
         eval_every = self.train.eval_every
-        bar = progress_bar(self.total_steps, self.step, is_rank0())
+        bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
         try:
             if self.eval_data is not None and self.step == 0:
                 self.log_eval()
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.metrics.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                bar.update(1)
+                bar.step(record)
                 last = self.step == self.total_steps
                 if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
                     self.log_eval()
@@ -166,5 +165,6 @@ class Trainer:
 
     def log_eval(self) -> None:
         eval_loss = self.evaluate()
-        self.metrics.log({"step": self.step, "eval_loss": eval_loss})
-        log.info("step %d: eval loss %.4f (perplexity %.2f)", self.step, eval_loss, math.exp(min(eval_loss, 50)))
+        perplexity = math.exp(min(eval_loss, 50))
+        self.metrics.log({"step": self.step, "eval_loss": eval_loss, "eval_perplexity": perplexity})
+        log.info("step %d: eval loss %.4f (perplexity %.2f)", self.step, eval_loss, perplexity)

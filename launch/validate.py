@@ -4,6 +4,7 @@ directory and the model directory. All problems are reported at once, each namin
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ CHOICES = {
     ("model", "attn_implementation"): IMPLEMENTATIONS,
     ("data", "format"): ("alpaca", "chat", "text"),
     ("data", "overlong"): ("truncate", "drop"),
-    ("train", "stage"): ("full", "last-layer"),
+    ("train", "stage"): ("full", "last-layer", "lora"),
     ("train", "schedule"): ("cosine", "constant"),
     ("fsdp", "sharding"): ("full", "grad-op", "hybrid", "none"),
     ("fsdp", "mixed_precision"): ("bf16", "fp32"),
@@ -25,7 +26,7 @@ CHOICES = {
 }
 
 
-def validate_config(config: Config, world_size: int | None = None) -> None:
+def validate_config(config: Config, world_size: int | None = None, check_paths: bool = True) -> None:
     """Raise ConfigError listing every problem; needs no process group (world size comes from the environment)."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     problems: list[str] = []
@@ -67,7 +68,7 @@ def validate_config(config: Config, world_size: int | None = None) -> None:
         problems.append(f"--data.max_length={config.data.max_length} is too small; use at least 8")
     for key in ("path", "eval_path"):
         path = getattr(config.data, key)
-        if path and path != "bundled" and looks_local(path) and not Path(path).exists():
+        if check_paths and path and path != "bundled" and looks_local(path) and not Path(path).exists():
             problems.append(f"--data.{key}={path}: no such file")
     if config.data.path == "bundled" and config.data.format not in ("alpaca", "chat"):
         problems.append(f"--data.format={config.data.format}: bundled data comes as alpaca or chat; give --data.path")
@@ -80,7 +81,9 @@ def validate_config(config: Config, world_size: int | None = None) -> None:
             problems.append(f"--fsdp.sharding=hybrid needs equal processes per node; world {world_size}, local {local}")
     if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
         problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
-    problems += optimizer_problems(config) + path_problems(config)
+    problems += optimizer_problems(config) + (
+        path_problems(config) + accelerate_problems(config) if check_paths else []
+    )
     if len(problems) == 1:
         raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
@@ -103,6 +106,10 @@ def optimizer_problems(config: Config) -> list[str]:
         problems.append(f"--train.max_grad_norm={train.max_grad_norm} must be >= 0 (0 disables clipping)")
     if train.eval_every < 0:
         problems.append(f"--train.eval_every={train.eval_every} must be >= 0 (0: only before and after training)")
+    lora = config.lora
+    if lora.rank < 1 or not positive(lora.alpha) or not 0 <= lora.dropout < 1:
+        problems.append(f"--lora.rank={lora.rank} must be >= 1, --lora.alpha={lora.alpha} > 0 and "
+                        f"--lora.dropout={lora.dropout} in [0, 1)")  # fmt: skip
     if not positive(config.run.collective_timeout_s):
         problems.append(f"--run.collective_timeout_s={config.run.collective_timeout_s} must be > 0")
     if not (math.isfinite(config.checkpoint.every_minutes) and config.checkpoint.every_minutes >= 0):
@@ -144,3 +151,19 @@ def model_dir_problems(path: str) -> list[str]:
     if not list(directory.glob("*.safetensors")):
         missing.append("weights (*.safetensors)")
     return [f"{flag} lacks {', '.join(missing)}; is it a Hugging Face model directory?"] if missing else []
+
+
+def accelerate_problems(config: Config) -> list[str]:
+    """`accelerate launch` sets the same environment as torchrun, with two traps: its CPU launcher starts one process
+    whatever --num_processes says (it needs --multi_gpu), and its --mixed_precision means nothing to shardtune."""
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is None:
+        return []
+    if precision not in ("no", config.fsdp.mixed_precision):
+        logging.getLogger(__name__).warning(
+            "accelerate's --mixed_precision=%s is not used: shardtune computes in --fsdp.mixed_precision=%s (over fp32 "
+            "master weights, reducing gradients in fp32)", precision, config.fsdp.mixed_precision)  # fmt: skip
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ:
+        return ["accelerate launch was asked for several processes but started one (without --multi_gpu it starts "
+                "one); use: accelerate launch --multi_gpu [--cpu] --num_processes N -m launch.train ..."]  # fmt: skip
+    return []

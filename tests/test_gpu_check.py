@@ -31,4 +31,5 @@ def test_throughput_harness_runs_on_cpu_and_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["attn"], r["activation_checkpointing"]) for r in rows] == [("sdpa", "none")]
     assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["device"] == "cpu" for r in rows)
-    assert "| attention | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory (GiB) |" in result.stdout
+    assert "| variant | tokens/s | TFLOP/s | MFU | peak memory (GiB) | planner's estimate (GiB) |" in result.stdout
+    assert all(r["planned_allocated_gib"] > 0 for r in rows)

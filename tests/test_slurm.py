@@ -16,22 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, load_final, metrics_steps, ok, read_metrics, run_cli
+from conftest import REFERENCE, REFERENCE_STEPS, ROOT, load_final, metrics_steps, read_metrics
 
 pytestmark = pytest.mark.slow
 
 SLURM = ROOT / "tests" / "slurm"
-ARGS = [
-    *TINY[2:],
-    "--fsdp.mixed_precision",
-    "fp32",
-    "--export.dtype",
-    "fp32",
-    "--train.max_steps",
-    "60",
-    "--checkpoint.every_steps",
-    "10",
-]
+ARGS = REFERENCE[2:]  # the reference run's flags (its recipe is passed to the sbatch script)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +52,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     return False
 
 
-def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
-    reference = tmp_path / "reference"
-    ok(run_cli(["--config", "recipes/tiny-full.yaml", *ARGS, "--run.output_dir", str(reference)], nproc=2))
+def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(slurm_cluster, reference_run, tmp_path):
+    reference = reference_run  # the same recipe and flags, uninterrupted, 2 processes
 
     out = tmp_path / "slurm-run"
     env = {
@@ -95,9 +84,9 @@ def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(slur
     log = tmp_path / f"slurm-{job}.out"
     try:
         started = wait_for(
-            lambda: (out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 12, timeout=180
+            lambda: (out / "checkpoints" / "latest").exists() and max(metrics_steps(out) or [0]) >= 6, timeout=180
         )
-        assert started, f"job {job} never reached step 12: state {job_field(job, 'JobState')}\n" + (
+        assert started, f"job {job} never reached step 6: state {job_field(job, 'JobState')}\n" + (
             log.read_text()[-3000:] if log.exists() else ""
         )
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
@@ -115,7 +104,7 @@ def test_preempted_job_is_requeued_resumes_and_matches_an_uninterrupted_run(slur
     assert job_field(job, "Restarts") == "1"
     assert "preempted at" in text and "requeueing job" in text  # the first run saved, marked and requeued
     assert "restart 1" in text and "resuming from" in text  # the requeued run continued from the checkpoint
-    assert metrics_steps(out) == list(range(1, 61)), "metrics.jsonl must hold every step exactly once"
+    assert metrics_steps(out) == list(range(1, REFERENCE_STEPS + 1)), "metrics.jsonl must hold every step exactly once"
     assert [r["loss"] for r in read_metrics(out)[0]] == [r["loss"] for r in read_metrics(reference)[0]]
     expected, got = load_final(reference), load_final(out)
     assert all(torch.equal(expected[k], got[k]) for k in expected)

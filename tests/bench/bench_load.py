@@ -1,4 +1,5 @@
-"""`make bench-load`: loading a 374M-parameter LLaMA into FSDP2 on CPU processes, three ways, side by side.
+"""`make bench-load`: loading a 374M-parameter LLaMA into FSDP2 on CPU processes, three ways, side by side; then a few
+training steps of it in full and with LoRA, for their peak memory and optimizer state.
 
   naive        every rank `from_pretrained`s the whole model, then shards it (what OOMs hosts at 70B, OpenVLA #208)
   rank0-model  shardtune before: every rank builds on `meta` and shards; rank 0 also builds a full second model with
@@ -64,6 +65,53 @@ def build_bench_model(directory: Path) -> Path:
     build_tiny_tokenizer().save_pretrained(tmp)
     os.rename(tmp, directory)
     return directory
+
+
+def train_worker(stage: str, model_dir: str, out_json: str) -> None:
+    """A few training steps of the 374M model with the full or the LoRA stage: peak RSS and optimizer-state bytes."""
+    import torch
+    import torch.distributed as dist
+
+    from backbones import build_backbone
+    from backbones.lora import LoraSettings
+    from fsdp import all_reduce_sum, apply_parallelism, build_mesh, init_distributed, is_rank0, read_env, teardown
+    from fsdp.materialize import load_from_rank0, materialize
+    from launch.config import TrainConfig
+    from launch.optim import build_optimizer, decay_parameter_names
+    from launch.stage import apply_stage
+    from launch.trainer import token_loss_sum
+
+    env = read_env()
+    init_distributed(env)
+    backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
+    dist.barrier()
+    before = rss_mb("VmRSS")
+    lora = LoraSettings(32, 16.0, 0.0, backbone.linear_layer_names, False) if stage == "lora" else None
+    apply_stage(backbone, stage, lora)
+    decay = decay_parameter_names(backbone.llm)
+    model = apply_parallelism(backbone.llm, backbone.transformer_layer_cls, build_mesh(env, "full"), param_dtype=None)
+    materialize(model, env.device)
+    backbone.init_non_persistent_buffers()
+    load_from_rank0(model, backbone.pretrained_weights() if is_rank0() else None, env.device)
+    optimizer = build_optimizer(model, decay, TrainConfig(lr=1e-4))
+    torch.manual_seed(env.rank)
+    start = time.perf_counter()
+    for _ in range(3):
+        ids = torch.randint(3, 900, (2, 256))
+        batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        (token_loss_sum(model, batch, 1024) / ids.numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    local = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes
+                for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))  # fmt: skip
+    (optimizer_bytes,) = all_reduce_sum([float(local)], env.device)
+    result = {"rank": env.rank, "mode": f"train-{stage}", "rss_before_mb": before, "peak_mb": rss_mb("VmHWM"),
+              "step_s": (time.perf_counter() - start) / 3, "optimizer_mb": optimizer_bytes / 2**20,
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}  # fmt: skip
+    Path(f"{out_json}.rank{env.rank}").write_text(json.dumps(result))
+    model = backbone = optimizer = None
+    gc.collect()
+    teardown()
 
 
 def worker(mode: str, model_dir: str, out_json: str) -> None:
@@ -148,7 +196,7 @@ def worker(mode: str, model_dir: str, out_json: str) -> None:
     teardown()
 
 
-MODES = ("naive", "rank0-model", "streamed")
+MODES = ("naive", "rank0-model", "streamed", "train-full", "train-lora")
 
 
 def main() -> int:
@@ -159,7 +207,10 @@ def main() -> int:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model_dir, args.out)
+        if args.worker.startswith("train-"):
+            train_worker(args.worker.removeprefix("train-"), args.model_dir, args.out)
+        else:
+            worker(args.worker, args.model_dir, args.out)
         return 0
     from backbones.tiny import cache_root
 
@@ -184,6 +235,8 @@ def main() -> int:
     )
     print(f"{'mode':<12} {'rank':>4} {'load s':>7} {'peak MiB':>9} {'growth MiB':>10} {'growth/fp32':>11}")
     for mode, ranks in results.items():
+        if mode.startswith("train-"):
+            continue
         for r in ranks:
             growth = r["peak_mb"] - r["rss_before_mb"]
             print(
@@ -196,6 +249,15 @@ def main() -> int:
         f"rank-0 full-state gather + save (bf16): {first['rank0_gather_save_s']:.1f} s, rank-0 RSS growth "
         f"{first['gather_rss_growth_mb']:.0f} MiB ({first['gather_rss_growth_mb'] / fp32_mb:.2f} x fp32)"
     )
+    print("\n3 training steps (2 x 256 tokens a rank, fp32, AdamW; LoRA rank 32 on every linear layer):")
+    print(
+        f"{'stage':<6} {'rank':>4} {'trainable':>11} {'optimizer MiB':>13} {'peak MiB':>9} {'growth MiB':>10} "
+        f"{'s/step':>7}"
+    )
+    for stage in ("full", "lora"):
+        for r in results[f"train-{stage}"]:
+            print(f"{stage:<6} {r['rank']:>4} {r['trainable']:>11,} {r['optimizer_mb']:>13.0f} {r['peak_mb']:>9.0f} "
+                  f"{r['peak_mb'] - r['rss_before_mb']:>10.0f} {r['step_s']:>7.2f}")  # fmt: skip
     return 0
 
 

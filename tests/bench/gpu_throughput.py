@@ -39,16 +39,36 @@ def run_variant(variant: dict, shape: str, seq: int, micro_batch: int, warmup: i
         dims = harness.LLAMA_1B if shape == "1b" else harness.TINY_SHAPE
         model, flops, decay = harness.build_model(dims, env, v)
         data = harness.synthetic_packed(dims["vocab_size"], seq, rows=micro_batch * (warmup + timed))
-        trainer = harness.build_trainer(
-            model, flops, decay, env, data, v.attn, micro_batch, micro_batch, warmup + timed
-        )
+        trainer = harness.build_trainer(model, flops, decay, env, data, v.attn, micro_batch, micro_batch,
+                                        warmup + timed, v)  # fmt: skip
         result = harness.measure(trainer, warmup, timed)
         result["params"] = sum(p.numel() for p in model.parameters())
+        result["planned_allocated_gib"] = planned_allocated_gib(dims, v, seq, micro_batch)
+        if "peak_memory_gib" in result:  # the planner's calibration: its estimate against the measured peak
+            result["planner_error"] = result["planned_allocated_gib"] / result["peak_memory_gib"] - 1
         result["device"] = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         return result
     finally:
         model = trainer = None
         teardown()
+
+
+def planned_allocated_gib(dims: dict, variant, seq: int, micro: int) -> float:
+    """launch.plan's estimate for this row, without its framework margin (max_memory_allocated excludes it too)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launch.plan import GiB, Shape, memory_per_gpu, sharded_bytes
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**dims))
+    shape = Shape(dims["num_hidden_layers"], dims["hidden_size"], dims["intermediate_size"],
+                  dims["num_attention_heads"], dims["num_key_value_heads"], dims["vocab_size"])  # fmt: skip
+    settings = dict(sharding="full", micro_batch=micro, max_length=seq, checkpointing=variant.activation_checkpointing,
+                    attn=variant.attn, loss_chunk=variant.loss_chunk_tokens)  # fmt: skip
+    memory = memory_per_gpu(model, shape, sharded_bytes(model, 1), **settings, cpu_offload=False,
+                            unsharded_accumulation=False)  # fmt: skip
+    return (sum(memory.values()) - memory["framework_and_fragmentation"]) / GiB
 
 
 def available_kernels(cpu: bool) -> list[str]:
@@ -81,9 +101,9 @@ def main() -> int:
     rows = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
-    for attn in available_kernels(cpu):
-        for checkpointing in ("none",) if cpu else ("none", "selective", "full"):
-            variant = dataclasses.asdict(harness_variant(attn, checkpointing, cpu))
+    for variant in variants(available_kernels(cpu), cpu):
+        if True:
+            variant = dataclasses.asdict(variant)
             command = [sys.executable, __file__, *(["--cpu-smoke"] if cpu else []), "--child", json.dumps(variant)]
             child = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
             line = next((x for x in child.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -103,19 +123,38 @@ def main() -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-def harness_variant(attn: str, checkpointing: bool, cpu: bool):
+def variants(kernels: list[str], cpu: bool) -> list:
+    """Every kernel without and with full checkpointing; then, on the best kernel, selective checkpointing, compile,
+    and the full-logits loss (the chunked loss is the default)."""
     import harness
 
-    return harness.Variant(attn=attn, activation_checkpointing=checkpointing, mixed_precision="fp32" if cpu else "bf16")
+    precision = "fp32" if cpu else "bf16"
+    if cpu:
+        return [harness.Variant(attn="sdpa", mixed_precision=precision)]
+    rows = [harness.Variant(attn=k, activation_checkpointing=ac, mixed_precision=precision)
+            for k in kernels for ac in ("none", "full")]  # fmt: skip
+    best = kernels[0]
+    rows += [harness.Variant(attn=best, activation_checkpointing="selective"),
+             harness.Variant(attn=best, activation_checkpointing="full", compile=True),
+             harness.Variant(attn=best, activation_checkpointing="full", loss_chunk_tokens=0)]  # fmt: skip
+    return rows
+
+
+def describe(row: dict) -> str:
+    extra = [
+        *(["compile"] if row.get("compile") else []),
+        *(["full logits"] if not row.get("loss_chunk_tokens") else []),
+    ]
+    return f"{row['attn']}, AC {row['activation_checkpointing']}" + "".join(f", {e}" for e in extra)
 
 
 def format_row(row: dict) -> str:
     if "error" in row:
-        return f"{row['attn']:<18} AC {row['activation_checkpointing']:<9}  {row['error']}"
+        return f"{describe(row):<42} {row['error']}"
     mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
     memory = f"{row['peak_memory_gib']:.1f}" if "peak_memory_gib" in row else "n/a"
-    return (f"{row['attn']:<18} AC {row['activation_checkpointing']:<9}  {row['tokens_per_s']:>9.0f} "
-            f"tok/s  {row['tflops']:>6.1f} TFLOP/s  MFU {mfu:>6}  peak {memory} GiB")  # fmt: skip
+    return (f"{describe(row):<42} {row['tokens_per_s']:>9.0f} tok/s  {row['tflops']:>6.1f} TFLOP/s  MFU {mfu:>6}  "
+            f"peak {memory} GiB (planned {row['planned_allocated_gib']:.1f})")  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -123,16 +162,17 @@ def table(rows: list[dict]) -> str:
     first = rows[0]
     lines = [f"device: {device}; seq {first['seq']} packed, micro-batch {first['micro_batch']}, "
              f"{first['mixed_precision']}, {first['stage']} fine-tune",
-             "| attention | activation checkpointing | tokens/s | TFLOP/s | MFU | peak memory (GiB) |",
+             "| variant | tokens/s | TFLOP/s | MFU | peak memory (GiB) | planner's estimate (GiB) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        ac = r["activation_checkpointing"]
         if "error" in r:
-            lines.append(f"| {r['attn']} | {ac} | {r['error']} | | | |")
+            lines.append(f"| {describe(r)} | {r['error']} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "n/a"
-        lines.append(f"| {r['attn']} | {ac} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | {memory} |")
+        error = f" ({r['planner_error']:+.0%})" if "planner_error" in r else ""
+        lines.append(f"| {describe(r)} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | {memory} | "
+                     f"{r['planned_allocated_gib']:.1f}{error} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -40,6 +40,8 @@ class Variant:
     mixed_precision: str = "bf16"
     cpu_offload: bool = False
     stage: str = "full"
+    compile: bool = False
+    loss_chunk_tokens: int = 1024  # 0: full logits
 
 
 def synthetic_packed(vocab: int, max_length: int, rows: int, seed: int = 0) -> TokenizedData:
@@ -73,6 +75,7 @@ def build_model(shape: dict, env: DistEnv, variant: Variant) -> tuple[torch.nn.M
         param_dtype=torch.bfloat16 if variant.mixed_precision == "bf16" else None,
         activation_checkpointing=variant.activation_checkpointing,
         cpu_offload=variant.cpu_offload,
+        compile=variant.compile,
     )
     materialize(model, env.device)
     with torch.no_grad():
@@ -95,9 +98,12 @@ def build_trainer(
     micro_batch: int,
     global_batch: int,
     steps: int,
+    variant: Variant | None = None,
 ) -> Trainer:
+    variant = variant or Variant(attn=attn)
     train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro_batch, lr=1e-5, warmup_ratio=0.0,
-                        max_steps=steps)  # fmt: skip
+                        max_steps=steps, compile=variant.compile,
+                        loss_chunk_tokens=variant.loss_chunk_tokens)  # fmt: skip
     optimizer = build_optimizer(model, decay, train)
     sampler = GlobalBatchSampler(len(data.dataset), global_batch, seed=0)
     metrics = MetricsWriter(Path(tempfile.mkdtemp()), [], {}, False, "")

@@ -1,0 +1,20 @@
+"""Test driver: the planner's sharded bytes against FSDP2's DTensors over a fake process group, for LLaMA-2 7B at
+8 and 64 ranks and full, grad-op and hybrid sharding (8 GPUs a node). Prints one JSON line per case."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from launch.plan import plan  # noqa: E402
+
+if __name__ == "__main__":
+    for world in (8, 64):
+        for sharding in ("full", "grad-op", "hybrid"):
+            result = plan(["--config", "recipes/llama2-7b-chat-full.yaml", "--gpus-per-node", "8", "--nodes",
+                           str(world // 8), "--fsdp.sharding", sharding])  # fmt: skip
+            print(json.dumps({"world": world, "sharding": sharding, "planned": result["sharded_state_bytes"],
+                              "dtensors": result["dtensor_check"]}), flush=True)  # fmt: skip

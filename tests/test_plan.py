@@ -1,0 +1,63 @@
+"""The planner: its sharded-state arithmetic equals FSDP2's own DTensor sizes at 8 and 64 ranks, every shipped GPU
+recipe fits the hardware its comment names, a recipe that cannot fit is told so with the knob to turn, and a plan
+takes seconds offline."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, launch_env
+
+from launch.plan import plan
+
+RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("tiny"))
+HARDWARE = re.compile(r"^# hardware: (\d+) nodes? x (\d+) ([\w-]+)", re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_planned_sharded_bytes_equal_fsdp2_dtensors_at_8_and_64_ranks():
+    result = subprocess.run([sys.executable, "tests/scripts/plan_dtensor_check.py"], cwd=ROOT, env=launch_env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {(c["world"], c["sharding"]) for c in cases} == {
+        (w, s) for w in (8, 64) for s in ("full", "grad-op", "hybrid")
+    }
+    for case in cases:
+        assert case["planned"] == case["dtensors"], case
+    by = {(c["world"], c["sharding"]): c["planned"]["params"] for c in cases}
+    assert by[(64, "full")] < by[(8, "full")] == by[(64, "hybrid")]  # hybrid shards within a node of 8
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_gpu_recipe_fits_the_hardware_its_comment_names(recipe):
+    match = HARDWARE.search(recipe.read_text())
+    assert match, f"{recipe.name} states no '# hardware: N node(s) x G gpu' line"
+    nodes, gpus, gpu = match.groups()
+    result = plan(["--config", str(recipe), "--nodes", nodes, "--gpus-per-node", gpus, "--gpu", gpu,
+                   "--no-dtensor-check"])  # fmt: skip
+    assert result["fits"], (recipe.name, result["verdict"], result["memory_per_gpu_gib"])
+
+
+def test_a_recipe_that_cannot_fit_says_by_how_much_and_which_knob_to_turn():
+    result = plan(["--config", "recipes/llama2-13b-chat-full.yaml", "--gpus-per-node", "1", "--nodes", "1",
+                   "--fsdp.activation_checkpointing", "none", "--train.micro_batch_size", "16",
+                   "--train.global_batch_size", "16", "--no-dtensor-check"])  # fmt: skip
+    assert not result["fits"] and result["verdict"].startswith("does not fit by ")
+    assert result["first_knob"] == "--fsdp.activation_checkpointing full"
+
+
+def test_a_plan_runs_offline_in_seconds():
+    start = time.time()
+    command = [sys.executable, "-m", "launch.plan", "--config", "recipes/llama2-7b-chat-full.yaml",
+               "--gpus-per-node", "8", "--nodes", "1", "--gpu", "h100-80gb"]  # fmt: skip
+    env = launch_env({"HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.time() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fits" in result.stdout.splitlines()[0] and elapsed < 10, elapsed
