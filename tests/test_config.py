@@ -30,7 +30,7 @@ def test_validation_reports_every_problem_with_value_choices_and_flag():
     config = parse_config(
         [
             "--train.stage",
-            "lora",
+            "bogus",
             "--fsdp.sharding",
             "zero9",
             "--train.global_batch_size",
@@ -42,7 +42,7 @@ def test_validation_reports_every_problem_with_value_choices_and_flag():
     with pytest.raises(ConfigError) as error:
         validate_config(config, world_size=2)
     message = str(error.value)
-    assert "--train.stage=lora is not valid; choose one of full, last-layer" in message
+    assert "--train.stage=bogus is not valid; choose one of full, last-layer, lora" in message
     assert "--fsdp.sharding=zero9 is not valid; choose one of full, grad-op, hybrid, none" in message
     assert "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=4" in message
 
@@ -57,7 +57,10 @@ def test_saved_config_parses_back_to_the_same_config(tmp_path):
 
 REFUSALS = {
     "unknown_backbone": (["--model.backbone", "llama9-7b"], "--model.backbone=llama9-7b is unknown; valid ids:"),
-    "unknown_stage": (["--train.stage", "lora"], "--train.stage=lora is not valid; choose one of full, last-layer"),
+    "unknown_stage": (
+        ["--train.stage", "bogus"],
+        "--train.stage=bogus is not valid; choose one of full, last-layer, lora",
+    ),
     "batch_not_divisible": (
         ["--train.global_batch_size", "6", "--train.micro_batch_size", "2"],
         "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=2",
@@ -87,8 +90,8 @@ def test_bad_run_is_refused_before_anything_is_written(case, tmp_path):
 @pytest.mark.slow
 def test_a_refused_run_exits_on_every_rank_and_says_so_once(tmp_path):
     out = tmp_path / "run"
-    message = "--train.stage=lora is not valid"
-    result = run_cli([*TINY, "--run.output_dir", str(out), "--train.stage", "lora"], nproc=2, timeout=120)
+    message = "--train.stage=bogus is not valid"
+    result = run_cli([*TINY, "--run.output_dir", str(out), "--train.stage", "bogus"], nproc=2, timeout=120)
     assert result.returncode != 0
     assert result.stderr.count(message) == 1  # said once, by rank 0
     assert not out.exists()  # refused before anything was written

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, launch_env
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_cleanly_without_a_gpu():
     result = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, env=launch_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip

