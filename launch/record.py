@@ -55,7 +55,10 @@ def device_names(env: DistEnv) -> list[str]:
 
 
 def command_line() -> str:
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    """The command as typed: `python -m launch.train ...` for a module run (sys.argv[0] is then the file's path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    command = " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
     token = os.environ.get("HF_TOKEN")
     return command.replace(token, "***") if token else command
 

@@ -83,16 +83,17 @@ def activation_mib(mode: str) -> float:
         for block in (m for m in model.modules() if isinstance(m, LlamaDecoderLayer)):
             checkpoint(block, **({"context_fn": selective_context} if mode == "selective" else {}))
     ids = torch.randint(0, 256, (8, 512))
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # earlier garbage back to the system: it must not mask these activations
-    before = rss_mib()
+    before = trimmed_rss_mib()
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # graph and saved tensors alive here
-    kept = rss_mib() - before
+    kept = trimmed_rss_mib() - before  # freed temporaries of the forward go back first: only what is kept counts
     hidden.sum().backward()
     return kept
 
 
-def rss_mib() -> float:
+def trimmed_rss_mib() -> float:
+    """Resident memory once freed heap pages are handed back, so that a freed temporary does not count as kept."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
 

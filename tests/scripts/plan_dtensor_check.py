@@ -14,7 +14,19 @@ from launch.plan import plan  # noqa: E402
 if __name__ == "__main__":
     for world in (8, 64):
         for sharding in ("full", "grad-op", "hybrid"):
-            result = plan(["--config", "recipes/llama2-7b-chat-full.yaml", "--gpus-per-node", "8", "--nodes",
-                           str(world // 8), "--fsdp.sharding", sharding])  # fmt: skip
+            result = plan(
+                [
+                    "--config",
+                    "recipes/llama2-7b-chat-full.yaml",
+                    "--gpus-per-node",
+                    "8",
+                    "--nodes",
+                    str(world // 8),
+                    "--fsdp.sharding",
+                    sharding,
+                    "--train.micro_batch_size",
+                    str(64 // world),
+                ]
+            )  # fmt: skip  64 sequences over 64 ranks: 1 each
             print(json.dumps({"world": world, "sharding": sharding, "planned": result["sharded_state_bytes"],
                               "dtensors": result["dtensor_check"]}), flush=True)  # fmt: skip
