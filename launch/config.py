@@ -63,7 +63,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     schedule: str = "cosine"  # cosine (linear warmup + cosine decay to 0) | constant (after warmup)
     max_grad_norm: float = 1.0  # 0 disables clipping
-    eval_every: int = 0  # steps between evaluations; 0 = only before and after training
+    eval_every: int = 0  # steps between evaluations; 0 = only before and after training; -1 = never
     # The head and the loss run over chunks of this many tokens, recomputed in backward, so no [tokens, vocab] fp32
     # logits exist at once (0: full logits, as transformers computes them).
     loss_chunk_tokens: int = 1024
@@ -163,8 +163,38 @@ def field_types() -> dict[str, object]:
     return types
 
 
+# The HF Trainer's (and torchtune's) names for the same things: a user coming from them types these first.
+FAMILIAR_NAMES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size":
+    "train.micro_batch_size", "batch_size": "train.global_batch_size", "gradient_accumulation_steps":
+    "train.global_batch_size", "lr_scheduler_type": "train.schedule", "eval_steps": "train.eval_every",
+    "save_steps": "checkpoint.every_steps", "save_total_limit": "checkpoint.keep_last", "gradient_checkpointing":
+    "fsdp.activation_checkpointing", "bf16": "fsdp.mixed_precision", "model_name_or_path": "model.path",
+    "max_seq_length": "data.max_length", "seq_len": "data.max_length", "logging_steps": "train.log_every_steps",
+    "resume_from_checkpoint": "run.resume", "attn_implementation": "model.attn_implementation",
+}  # fmt: skip
+
+
+def closest_key(key: str) -> str | None:
+    """The valid `section.key` a mistyped one most likely meant: a familiar name from other trainers, else the
+    key it abbreviates, else the closest spelling of the whole key, else of its last part."""
+    keys = list(field_types())
+    name = key.rsplit(".", 1)[-1]
+    if name in FAMILIAR_NAMES:
+        return FAMILIAR_NAMES[name]
+    started = [k for k in keys if k.startswith(key)]
+    if len(started) == 1:  # an abbreviation: model.attn -> model.attn_implementation
+        return started[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    by_name = {k.rsplit(".", 1)[-1]: k for k in keys}
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.6)
+    return by_name[close[0]] if close else None
+
+
 def unknown_key(key: str, where: str = "") -> ConfigError:
-    close = difflib.get_close_matches(key, list(field_types()), n=1, cutoff=0.6)
+    close = [closest_key(key)] if closest_key(key) else []
     hint = f" (did you mean {close[0]}?)" if close else "; see --help for the keys"
     return ConfigError(f"unknown key {key}{where}{hint}")
 

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def has_eval(config: Config) -> bool:
-    return config.data.eval_path is not None or config.data.path == "bundled"
+    return config.train.eval_every >= 0 and (config.data.eval_path is not None or config.data.path == "bundled")
 
 
 def config_digest(config: Config) -> str:

@@ -147,16 +147,17 @@ class Trainer:
         """Train to `total_steps`. `on_step_end` (checkpointing, signals) runs after every step; it stops training
         by raising."""
         eval_every = self.train.eval_every
+        evaluating = self.eval_data is not None and eval_every >= 0
         bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
         try:
-            if self.eval_data is not None and self.step == 0:
+            if evaluating and self.step == 0:
                 self.log_eval()
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.metrics.log(record)
                 bar.step(record)
                 last = self.step == self.total_steps
-                if self.eval_data is not None and ((eval_every and self.step % eval_every == 0) or last):
+                if evaluating and ((eval_every and self.step % eval_every == 0) or last):
                     self.log_eval()
                 if on_step_end is not None:
                     on_step_end(self)

@@ -104,8 +104,11 @@ def optimizer_problems(config: Config) -> list[str]:
         problems.append(f"--train.weight_decay={train.weight_decay} must be >= 0")
     if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
         problems.append(f"--train.max_grad_norm={train.max_grad_norm} must be >= 0 (0 disables clipping)")
-    if train.eval_every < 0:
-        problems.append(f"--train.eval_every={train.eval_every} must be >= 0 (0: only before and after training)")
+    if train.eval_every < -1:
+        problems.append(
+            f"--train.eval_every={train.eval_every} is not valid: choose N > 0 (every N steps), 0 (only "
+            "before and after training) or -1 (never)"
+        )
     lora = config.lora
     if lora.rank < 1 or not positive(lora.alpha) or not 0 <= lora.dropout < 1:
         problems.append(f"--lora.rank={lora.rank} must be >= 1, --lora.alpha={lora.alpha} > 0 and "
