@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,27 +50,59 @@ def tiny_backbone(tiny_dir):
 
 
 def launch_command(
-    args: list[str], nproc: int = 1, script: str | None = None, torchrun_args: list[str] | None = None
+    args: list[str],
+    nproc: int = 1,
+    script: str | None = None,
+    torchrun_args: list[str] | None = None,
+    launcher: str = "spawn",
+    module: str = "launch.train",
 ) -> list[str]:
-    """The one way tests start shardtune: `python -m launch.train ARGS` (nproc=0) or `torchrun --nproc_per_node N`;
-    `script` runs a driver from tests/scripts/ instead of launch.train."""
-    target = [str(ROOT / "tests" / "scripts" / script)] if script else ["-m", "launch.train"]
+    """The one way tests start shardtune: `python -m MODULE ARGS` (nproc=0), N ranks started the way torchrun
+    starts them (tests/scripts/spawn_ranks.py: the env:// variables, no agent), or torchrun itself
+    (`launcher="torchrun"`, or any `torchrun_args`) where the launcher is what a test is about. `script` runs a driver
+    instead (a name in tests/scripts/, or a path from the repository root)."""
+    target = launch_target(script, module)
     if nproc == 0:
         return [sys.executable, *target, *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        *(torchrun_args or ["--standalone"]),
-        *target,
-        *args,
-    ]
+    if launcher == "spawn" and torchrun_args is None:
+        return [sys.executable, str(ROOT / "tests" / "scripts" / "spawn_ranks.py"), str(nproc), *target, *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*torchrun, *(torchrun_args or ["--standalone"]), *target, *args]
+
+
+def launch_target(script: str | None, module: str) -> list[str]:
+    if script is None:
+        return ["-m", module]
+    return [str(ROOT / script if "/" in script else ROOT / "tests" / "scripts" / script)]
 
 
 def launch_env(env: dict | None = None) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+_forkserver = None
+
+
+def forkserver():
+    """The session's multiprocessing forkserver (tests/rank_runner.py): warm imports, a fresh fork per rank."""
+    global _forkserver
+    if _forkserver is None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["rank_runner"])
+        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "PYTHONPATH")}
+        # What the server imports torch under; its sys.path comes from PYTHONPATH (3.11's forkserver ignores ours).
+        os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+        try:
+            from multiprocessing import forkserver as server
+
+            server.ensure_running()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        _forkserver = context
+    return _forkserver
 
 
 def run_cli(
@@ -78,16 +112,86 @@ def run_cli(
     timeout: int = 300,
     torchrun_args: list[str] | None = None,
     script: str | None = None,
+    launcher: str = "spawn",
+    module: str = "launch.train",
 ) -> subprocess.CompletedProcess:
-    """Run `launch_command(...)` to completion, capturing its output."""
-    return subprocess.run(
-        launch_command(args, nproc, script, torchrun_args),
-        cwd=ROOT,
-        env=launch_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run `launch_command(...)` to completion, capturing its output. Plain runs and spawned ranks come from the warm
+    forkserver (tests/rank_runner.py) and behave as `python -m MODULE ARGS` would; torchrun is torchrun."""
+    if nproc and (launcher != "spawn" or torchrun_args is not None):
+        return subprocess.run(launch_command(args, nproc, script, torchrun_args, launcher, module), cwd=ROOT,
+                              env=launch_env(env), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return ForkedRun(args, nproc, env, script, module).wait(timeout)
+
+
+class ForkedRun:
+    """`nproc` ranks (0: one plain process) as forkserver children, running `python -m MODULE ARGS` (or a script)
+    with torchrun's env:// variables. `log` puts stdout and stderr together in one file, as a `Popen` test would;
+    otherwise `wait` returns them as a CompletedProcess."""
+
+    def __init__(self, args: list[str], nproc: int = 0, env: dict | None = None, script: str | None = None,
+                 module: str = "launch.train", log: Path | None = None) -> None:  # fmt: skip
+        import tempfile
+
+        import rank_runner
+
+        context = forkserver()
+        self.target, self.args = launch_target(script, module), args
+        self.logs = None if log else Path(tempfile.mkdtemp(prefix="shardtune-ranks-"))
+        self.out, self.err = (log, log) if log else (self.logs / "stdout", self.logs / "stderr")
+        self.out.touch()
+        self.err.touch()
+        port = str(free_port())
+        self.processes = []
+        for rank in range(max(nproc, 1)):
+            rank_env = launch_env(env)
+            if nproc:
+                rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0")  # fmt: skip
+            process = context.Process(target=rank_runner.run, args=(self.target, args, rank_env, str(ROOT),
+                                                                    str(self.out), str(self.err)))  # fmt: skip
+            process.start()
+            self.processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def poll(self) -> int | None:
+        """None while a rank runs, else the status: the first failure's, or 0."""
+        if any(p.exitcode is None for p in self.processes):
+            return None
+        return next((p.exitcode for p in self.processes if p.exitcode), 0)
+
+    def send_signal(self, sig: int) -> None:
+        for p in self.processes:
+            if p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Like torchrun: once a rank fails, the others are stopped 5 s later. TimeoutExpired after `timeout`."""
+        deadline, failed_at = time.time() + timeout, None
+        while self.poll() is None:
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in self.processes):
+                failed_at = time.time()
+            if (failed_at is not None and time.time() > failed_at + 5) or time.time() > deadline:
+                for p in self.processes:
+                    if p.exitcode is None:
+                        p.kill()
+            for p in self.processes:
+                p.join(timeout=0.02)
+        stdout, stderr = self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+        if self.logs:
+            shutil.rmtree(self.logs, ignore_errors=True)
+        if time.time() > deadline:
+            raise subprocess.TimeoutExpired(self.target, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(self.target + self.args, self.poll(), stdout, stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -103,7 +207,7 @@ def load_final(run_dir: Path) -> dict:
     return {k: v for f in sorted(final.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "0"]
+TINY = ["--config", "recipes/tiny-full.yaml", "--train.eval_every", "-1"]  # no evaluation: tests that need one ask
 # fp32 end to end: the exactness tests compare runs in it.
 FP32 = ["--fsdp.mixed_precision", "fp32", "--export.dtype", "fp32"]
 # ... with a small global batch.
@@ -162,14 +266,12 @@ def kill_tree(pid: int, sig: int) -> None:
 def interrupt_with_sigterm(args: list[str], out: Path, min_step: int, log: Path) -> int:
     """Run `python -m launch.train ARGS` (one process) and SIGTERM it once `min_step` steps are logged; returns its
     exit status (75 when it saved a checkpoint and stopped)."""
-    job = subprocess.Popen(
-        launch_command(args, nproc=0), cwd=ROOT, env=launch_env(), stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
+    job = ForkedRun(args, log=log)
     deadline = time.time() + 120
     while time.time() < deadline and max(metrics_steps(out) or [0]) < min_step and job.poll() is None:
         time.sleep(0.01)
     job.send_signal(signal.SIGTERM)
-    return job.wait(timeout=120)
+    return job.wait(timeout=120).returncode
 
 
 def assert_runs_match(reference: Path, other: Path, atol: float) -> None:

@@ -91,7 +91,9 @@ def test_bad_run_is_refused_before_anything_is_written(case, tmp_path):
 def test_a_refused_run_exits_on_every_rank_and_says_so_once(tmp_path):
     out = tmp_path / "run"
     message = "--train.stage=bogus is not valid"
-    result = run_cli([*TINY, "--run.output_dir", str(out), "--train.stage", "bogus"], nproc=2, timeout=120)
+    result = run_cli(
+        [*TINY, "--run.output_dir", str(out), "--train.stage", "bogus"], nproc=2, timeout=120, launcher="torchrun"
+    )  # what a torchrun user sees
     assert result.returncode != 0
     assert result.stderr.count(message) == 1  # said once, by rank 0
     assert not out.exists()  # refused before anything was written

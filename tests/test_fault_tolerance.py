@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from conftest import (
     ROOT,
     assert_runs_match,
     descendants,
+    free_port,
     launch_command,
     launch_env,
     load_final,
@@ -27,12 +27,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_elastic_restart_after_a_killed_worker_completes_with_identical_weights(reference_run, tmp_path):
@@ -105,14 +99,9 @@ def one_node_run(tmp_path_factory):
     return out
 
 
-def test_two_torchrun_nodes_train_like_one_node(one_node_run, tmp_path):
-    out = tmp_path / "run"
-    for result in run_nodes([*FP32_SMALL, "--train.max_steps", "6", "--run.output_dir", str(out)], 2, 1, tmp_path):
-        ok(result)
-    assert_runs_match(one_node_run, out, atol=1e-6)
-
-
-def test_hybrid_sharding_on_two_nodes_matches_full_sharding(one_node_run, tmp_path):
+def test_two_torchrun_nodes_with_hybrid_sharding_train_like_one_node_with_full_sharding(one_node_run, tmp_path):
+    """Two agents in one c10d rendezvous (multi-node torchrun), 2 processes each, sharded within a node and
+    replicated across nodes: the same losses and weights as one node of 2 sharding everything."""
     out = tmp_path / "run"
     results = run_nodes(
         [*FP32_SMALL, "--train.max_steps", "6", "--fsdp.sharding", "hybrid", "--run.output_dir", str(out)],

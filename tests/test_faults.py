@@ -21,6 +21,7 @@ from conftest import (
     REFERENCE_STEPS,
     ROOT,
     TINY,
+    ForkedRun,
     descendants,
     launch_command,
     launch_env,
@@ -107,6 +108,10 @@ REFUSALS = {
     "typo_on_the_cli": (
         lambda t, m: [*out(t), "--train.lrr", "1e-3"],
         "unknown key train.lrr (did you mean train.lr?)",
+    ),
+    "hf_trainer_name": (
+        lambda t, m: [*out(t), "--train.learning_rate", "1e-3"],
+        "unknown key train.learning_rate (did you mean train.lr?)",
     ),
     "typo_in_a_recipe": (
         lambda t, m: ["--config", str(write(t / "r.yaml", "train:\n  lrr: 0.1\n")), *out(t)],
@@ -250,8 +255,7 @@ def test_export_refuses_to_clobber_and_changes_nothing(a_run, tmp_path, case, ca
 def test_export_from_a_run_replaces_an_earlier_export_and_defaults_to_the_runs_dtype(a_run, tmp_path):
     target = tmp_path / "export"
     for _ in range(2):  # the second export replaces the first (it is an earlier export)
-        result = subprocess.run([sys.executable, "-m", "launch.export", str(a_run), str(target)], cwd=ROOT,
-                                env=launch_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        result = run_cli([str(a_run), str(target)], nproc=0, module="launch.export", timeout=120)
         assert result.returncode == 0, result.stderr
     assert "(fp32)" in result.stdout  # FP32_SMALL exports in fp32
     exported = {k: v for k, v in load_final_dir(target).items()}
@@ -270,8 +274,9 @@ def load_final_dir(directory: Path) -> dict:
 
 
 def start(args: list[str], log: Path, nproc: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(launch_command(args, nproc), cwd=ROOT, env=launch_env(), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    """torchrun itself: the test is about its agent."""
+    command = launch_command(args, nproc, launcher="torchrun")
+    return subprocess.Popen(command, cwd=ROOT, env=launch_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def wait_for(condition, timeout: float = 180.0) -> None:
@@ -312,15 +317,14 @@ def test_sigkill_of_the_torchrun_agent_stops_its_workers_and_the_rerun_is_bitwis
 def test_a_second_launch_is_refused_and_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     args = [*FP32_SMALL, "--train.max_steps", "400", "--run.output_dir", str(run)]
-    first = subprocess.Popen(launch_command(args, nproc=0), cwd=ROOT, env=launch_env(),
-                             stdout=(tmp_path / "first.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    first = ForkedRun(args, log=tmp_path / "first.log")
     wait_for(lambda: max(metrics_steps(run) or [0]) >= 2)
     second = run_cli(args, nproc=2, timeout=120)
     refusals = [line for line in second.stderr.splitlines() if line.startswith("shardtune:")]
     assert second.returncode != 0 and len(refusals) == 1, second.stderr[-2000:]
-    assert f"is in use by another run (host {os.uname().nodename}, PID {first.pid}" in refusals[0]
+    assert f"is in use by another run (host {os.uname().nodename}, PID {first.pids[0]}" in refusals[0]
     first.send_signal(signal.SIGINT)
-    assert first.wait(timeout=120) == 130
+    assert first.wait(timeout=120).returncode == 130
     output = (tmp_path / "first.log").read_text()
     assert "Traceback" not in output and "interrupted (SIGINT): checkpoint at step" in output
     stopped = max(metrics_steps(run))
@@ -384,33 +388,22 @@ def test_a_full_disk_says_so_keeps_the_earlier_checkpoint_and_the_run_resumes(sm
 
 @pytest.mark.slow
 def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
-    """Two ranks started by hand (no agent: torchrun would add its own 30 s SIGTERM-to-SIGKILL grace before it reaps
-    the frozen rank); rank 1 is frozen with SIGSTOP and rank 0 must end within the configured timeout, saying so."""
-    import socket
-
+    """Two ranks with no agent (torchrun would add its own 30 s SIGTERM-to-SIGKILL grace before it reaps the frozen
+    rank); rank 1 is frozen with SIGSTOP and rank 0 must end within the configured timeout, saying so."""
     run = tmp_path / "run"
     args = [*FP32_SMALL, "--train.max_steps", "400", "--run.collective_timeout_s", "5", "--run.output_dir", str(run)]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = []
-    for rank in (0, 1):
-        env = launch_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
-        log = (tmp_path / f"rank{rank}.log").open("w")
-        ranks.append(subprocess.Popen(launch_command(args, nproc=0), cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))  # fmt: skip
+    job = ForkedRun(args, 2, log=tmp_path / "ranks.log")
+    rank0 = job.processes[0]
     try:
         wait_for(lambda: max(metrics_steps(run) or [0]) >= 3)
-        os.kill(ranks[1].pid, signal.SIGSTOP)  # rank 1 stops responding
+        os.kill(job.pids[1], signal.SIGSTOP)  # rank 1 stops responding
         frozen = time.time()
-        status = ranks[0].wait(timeout=60)
-        ended = time.time() - frozen
+        rank0.join(timeout=60)
+        status, ended = rank0.exitcode, time.time() - frozen
     finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
-    line = next(x for x in (tmp_path / "rank0.log").read_text().splitlines() if "stopped responding" in x)
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=60)
+    line = next(x for x in (tmp_path / "ranks.log").read_text().splitlines() if "stopped responding" in x)
     assert status == 1 and ended < 5 + 10, (status, ended)
     assert line.startswith("shardtune: rank 0: step ") and "--run.collective_timeout_s=5" in line
 

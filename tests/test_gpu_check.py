@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, launch_env
+from conftest import ROOT, launch_env, run_cli
 
 
 @pytest.mark.slow
@@ -18,16 +18,14 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[0].startswith("gpu-check: needs a CUDA GPU")
     assert "Traceback" not in result.stdout + result.stderr
-    direct = subprocess.run([sys.executable, "tests/bench/gpu_throughput.py"], cwd=ROOT, env=launch_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    direct = run_cli([], nproc=0, script="tests/bench/gpu_throughput.py", timeout=120)
     assert direct.returncode == 2 and direct.stderr.strip() == "gpu_throughput: needs a CUDA GPU (or --cpu-smoke)"
 
 
 @pytest.mark.slow
 def test_throughput_harness_runs_on_cpu_and_writes_its_table(tmp_path):
     out = tmp_path / "throughput.json"
-    result = subprocess.run([sys.executable, "tests/bench/gpu_throughput.py", "--cpu-smoke", "--out", str(out)],
-                            cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run_cli(["--cpu-smoke", "--out", str(out)], nproc=0, script="tests/bench/gpu_throughput.py")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["attn"], r["activation_checkpointing"]) for r in rows] == [("sdpa", "none")]

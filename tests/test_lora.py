@@ -4,15 +4,13 @@ and a checkpoint refuses other LoRA settings by name."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FP32_SMALL, ROOT, descendants, launch_command, launch_env, metrics_steps, ok, read_metrics, run_cli
+from conftest import FP32_SMALL, ForkedRun, metrics_steps, ok, read_metrics, run_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -83,14 +81,12 @@ def test_merged_export_and_adapter_give_the_peft_models_logits(lora_runs):
 def test_a_sigkilled_lora_run_resumes_to_bitwise_equal_adapters(lora_runs, tmp_path):
     run = tmp_path / "run"
     args = [*LORA, "--run.output_dir", str(run)]
-    agent = subprocess.Popen(launch_command(args, 2), cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    ranks = ForkedRun(args, 2, log=tmp_path / "ranks.log")
     deadline = time.time() + 180
     while time.time() < deadline and max(metrics_steps(run) or [0]) < 5:
         time.sleep(0.05)
-    for pid in [agent.pid, *descendants(agent.pid)]:  # the agent and its workers, mid-step
-        os.kill(pid, signal.SIGKILL)
-    agent.wait()
+    ranks.send_signal(signal.SIGKILL)  # both ranks, mid-step
+    ranks.wait(timeout=60)
     assert 5 <= max(metrics_steps(run)) < 12
     ok(run_cli(args, nproc=2))
     assert metrics_steps(run) == list(range(1, 13))

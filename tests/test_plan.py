@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, launch_env
+from conftest import ROOT, launch_env, run_cli
 
 from launch.plan import plan
 
@@ -21,8 +21,7 @@ HARDWARE = re.compile(r"^# hardware: (\d+) nodes? x (\d+) ([\w-]+)", re.MULTILIN
 
 @pytest.mark.slow
 def test_planned_sharded_bytes_equal_fsdp2_dtensors_at_8_and_64_ranks():
-    result = subprocess.run([sys.executable, "tests/scripts/plan_dtensor_check.py"], cwd=ROOT, env=launch_env(),
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run_cli([], nproc=0, script="plan_dtensor_check.py", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     cases = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {(c["world"], c["sharding"]) for c in cases} == {

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def test_smoke_run_trains_exports_and_generates(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.smoke",
-            "--nproc",
-            "2",
-            "--max-steps",
-            "120",
-            "--output-dir",
-            str(tmp_path / "smoke"),
-            "--prompts",
-            "16",
-        ],
-        cwd=ROOT,
-        env={**os.environ},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = ["--nproc", "2", "--max-steps", "60", "--output-dir", str(tmp_path / "smoke"), "--prompts", "16"]
+    result = run_cli(args, nproc=0, module="launch.smoke", timeout=600)  # launch.smoke starts torchrun itself
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     before, after = map(float, re.search(r"eval loss\s+before ([\d.]+)\s+after ([\d.]+)", result.stdout).groups())
     assert after < 0.5 * before

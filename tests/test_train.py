@@ -72,7 +72,16 @@ def test_last_layer_stage_leaves_frozen_weights_bit_identical(flag_runs, tiny_di
 
 def test_bf16_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path):
     out = tmp_path / "bf16"
-    bf16 = ["--fsdp.mixed_precision", "bf16", "--export.dtype", "bf16", "--train.max_steps", "12"]
+    bf16 = [
+        "--fsdp.mixed_precision",
+        "bf16",
+        "--export.dtype",
+        "bf16",
+        "--train.max_steps",
+        "12",
+        "--train.eval_every",
+        "0",
+    ]
     ok(inspect_run([*bf16, "--run.output_dir", str(out)], 0))  # bf16 matmuls are slow on CPU: one process
     steps, evals = read_metrics(out)
     assert steps[-1]["loss"] < 0.8 * steps[0]["loss"] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from fsdp import init_distributed, is_rank0, read_env, teardown
-from launch.data import collate
+from launch.data import build_tokenized, collate
 from launch.metrics import setup_logging
 from launch.train import fit_and_export, prepare
 
@@ -56,9 +56,8 @@ def inspect_run(prepared, env, graphs: list[int]) -> None:
     try:
         trainer = fit_and_export(prepared, env)
         model = trainer.model.eval()
-        batch = collate(
-            [prepared.eval_data.dataset[i] for i in range(4)], prepared.backbone.tokenizer.pad_token_id, "padded"
-        )
+        held_out = build_tokenized(prepared.config.data, prepared.backbone, "eval", packing=False).dataset
+        batch = collate([held_out[i] for i in range(4)], prepared.backbone.tokenizer.pad_token_id, "padded")
         seen = []  # the dtype the first decoder block computes in (bf16 under mixed precision)
         block = next(m for m in model.modules() if isinstance(m, LlamaDecoderLayer))
         hook = block.mlp.down_proj.register_forward_hook(lambda _m, args, _out: seen.append(str(args[0].dtype)))
