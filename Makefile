@@ -17,7 +17,7 @@ GPU_SITE ?= /tmp/shardtune-site
 GPU_OUT ?= gpu-check
 GPU_WHEELS := datasets dill multiprocess draccus mergedeep toml typing-inspect mypy-extensions
 
-.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data gpu-check gpu-wheels clean
+.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data bench-train gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,10 @@ lint: install  ## ruff: formatting and lint, line length 120 (pyproject.toml)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-bench: bench-load bench-data  ## every benchmark (each prints a table the README quotes)
+bench: bench-train bench-load bench-data  ## every benchmark (each prints a table the README quotes)
+
+bench-train: install  ## tokens/s against a minimal FSDP2 loop and the HF Trainer, alternated rounds; chunked-loss memory
+	$(BIN)/python tests/bench/bench_train.py
 
 bench-load: install  ## load memory three ways (every rank, rank 0 + second model, streamed), save and export times
 	$(BIN)/python tests/bench/bench_load.py --nproc $(NPROC)

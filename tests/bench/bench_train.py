@@ -1,0 +1,348 @@
+"""`make bench-train`: training throughput against the peers, side by side, and the chunked loss's memory.
+
+Everyone trains the same LLaMA-2-shaped ~27M-parameter model (the tiny tokenizer, random weights saved once as a
+Hugging Face directory) on the bundled chat data, fp32, 2 gloo processes, AdamW, the same global batches (shardtune's
+seeded sampler decides them; every contestant takes the same examples per step), and is timed per optimizer step
+after warm-up. Rounds alternate the contestants' order; the table gives the median over rounds and the spread.
+
+  shardtune padded / packed   python -m launch.train (defaults: chunked loss, foreach AdamW), SDPA
+  minimal padded / packed     a hand-written FSDP2 loop: fully_shard per block + root, full logits, AdamW
+  hf-fsdp2 padded / flat      transformers' Trainer with accelerate's FSDP2 plugin (fsdp_version 2, LlamaDecoderLayer
+                              auto-wrap), padded (DataCollatorForSeq2Seq) or padding-free (DataCollatorWithFlattening)
+  hf-default flat             the Trainer as it runs on CPU with no FSDP config (DDP: every rank holds everything)
+
+shardtune's padding-free layout needs a flash kernel (CUDA): on CPU it falls back to SDPA, so that row is GPU-only.
+Throughput is real tokens (no padding) per second; "supervised" counts the tokens the loss is taken on.
+
+Then, in one process each, the peak resident memory of one training step at seq 2048 of the same model with
+LLaMA-2's 32k vocabulary, full logits against the chunked loss.
+
+    python tests/bench/bench_train.py [--rounds 3] [--steps 7] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=2048)  # fmt: skip
+GLOBAL_BATCH, MICRO_BATCH, LR, SEED = 16, 4, 1e-4, 42
+MAX_LENGTH = {False: 128, True: 256}  # padded examples (bundled conversations are < 80 tokens) | packed rows
+CONTESTANTS = ("shardtune-padded", "shardtune-packed", "minimal-padded", "minimal-packed", "hf-fsdp2-padded",
+               "hf-fsdp2-flat", "hf-default-flat")  # fmt: skip
+
+
+def peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_model_dir(directory: Path) -> Path:
+    """The benchmark model with the tiny tokenizer plus <PAD>, vocabulary padded to 64: shardtune changes nothing."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backbones.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, **SHAPE))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".bench-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.rename(tmp, directory)
+    return directory
+
+
+def shared_data(model_dir: str, packing: bool):
+    """shardtune's tokenized bundled data (its cache) and sampler: what every contestant trains on."""
+    from backbones import build_backbone
+    from launch.config import DataConfig
+    from launch.data import build_tokenized
+    from launch.sampler import GlobalBatchSampler
+
+    backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
+    config = DataConfig(path="bundled", max_length=MAX_LENGTH[packing], packing=packing)
+    data = build_tokenized(config, backbone, "train")
+    lengths = None if packing else data.dataset["length"]
+    return backbone.tokenizer, data, GlobalBatchSampler(len(data.dataset), GLOBAL_BATCH, SEED, lengths)
+
+
+def real_tokens(example: dict) -> int:
+    return sum(example.get("lengths") or [len(example["input_ids"])])
+
+
+def supervised(example: dict) -> int:
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
+def step_tokens(data, sampler, steps: int) -> list[tuple[int, int]]:
+    """(real, supervised) tokens of each global batch."""
+    batches = [[data.dataset[i] for i in sampler.global_batch(s)] for s in range(steps)]
+    return [(sum(map(real_tokens, b)), sum(map(supervised, b))) for b in batches]
+
+
+def minimal_worker(model_dir: str, packing: bool, steps: int, out: str) -> None:
+    """A hand-written FSDP2 loop, as short as it can be while training exactly what shardtune trains."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+
+    from launch.data import collate
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer, data, sampler = shared_data(model_dir, packing)
+    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    times, last = [], time.perf_counter()
+    for step in range(steps):
+        micro = [collate([data.dataset[i] for i in idx], tokenizer.pad_token_id, "packed" if packing else "padded")
+                 for idx in sampler.micro_batches(step, rank, world, MICRO_BATCH)]  # fmt: skip
+        count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
+        dist.all_reduce(count)
+        for batch in micro:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                     ignore_index=-100, reduction="sum") / count  # fmt: skip
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    write_result(out, rank, times)
+    dist.destroy_process_group()
+
+
+def hf_worker(model_dir: str, fsdp: bool, flat: bool, steps: int, out: str) -> None:
+    """transformers' Trainer on the same examples, in the same global batches (a sequential sampler over them)."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    tokenizer, data, sampler = shared_data(model_dir, packing=False)
+    order = [i for step in range(steps) for i in sampler.global_batch(step)]
+    rows = [{"input_ids": data.dataset[i]["input_ids"], "labels": data.dataset[i]["labels"]} for i in order]
+    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    fsdp_args = {}
+    if fsdp:
+        wrap = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+        fsdp_args = dict(fsdp="full_shard auto_wrap", fsdp_config=wrap)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO_BATCH, max_steps=steps,
+        gradient_accumulation_steps=GLOBAL_BATCH // (MICRO_BATCH * world), learning_rate=LR, adam_beta2=0.95,
+        weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+        logging_strategy="no", use_cpu=True, seed=SEED, remove_unused_columns=False, disable_tqdm=True,
+        dataloader_drop_last=True, **fsdp_args,
+    )  # fmt: skip
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        last = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            times.append(now - (self.last or now))
+            self.last = now
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+    class SameBatches(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+        def create_accelerator_and_postprocess(self):
+            """accelerate drops its FSDP plugin on CPU processes (MULTI_CPU: it runs DDP instead); set the state as
+            it is on GPUs, so that the Trainer really shards with FSDP2 (the result records the wrapper it used)."""
+            super().create_accelerator_and_postprocess()
+            if fsdp and self.accelerator.state.fsdp_plugin is None:
+                from accelerate import FullyShardedDataParallelPlugin
+                from accelerate.utils import DistributedType
+
+                self.accelerator.state.distributed_type = DistributedType.FSDP
+                self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                self.is_fsdp_enabled = True
+
+    if flat:
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    trainer = SameBatches(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimes()])
+    trainer.train()
+    wrapped = type(trainer.model_wrapped).__name__  # FSDPLlamaForCausalLM under FSDP2, DistributedDataParallel else
+    write_result(out, rank, times, wrapped=wrapped, distributed=str(trainer.accelerator.distributed_type))
+
+
+def write_result(out: str, rank: int, times: list[float], **extra) -> None:
+    Path(f"{out}.rank{rank}").write_text(json.dumps({"rank": rank, "step_s": times, "peak_mib": peak_mib(), **extra}))
+
+
+def loss_memory_worker(chunk_tokens: int, out: str) -> None:
+    """Peak RSS growth of one training step at seq 2048 with a 32k vocabulary (one process, fp32)."""
+    from types import MethodType
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backbones.loss import causal_lm_loss_sum
+    from launch.trainer import token_loss_sum
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32064, **SHAPE, attn_implementation="sdpa"))
+    model.chunked_loss_sum = MethodType(causal_lm_loss_sum, model)
+    ids = torch.randint(3, 32000, (1, 2048))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    before = peak_mib()
+    start = time.perf_counter()
+    token_loss_sum(model, batch, chunk_tokens).backward()
+    Path(out).write_text(json.dumps({"chunk_tokens": chunk_tokens, "growth_mib": peak_mib() - before,
+                                     "step_s": time.perf_counter() - start}))  # fmt: skip
+
+
+def launch(contestant: str, model_dir: Path, steps: int, out: Path, nproc: int = 2) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    family, layout = contestant.rsplit("-", 1)
+    packing = layout == "packed"
+    if family == "shardtune":
+        run = out.parent / f"{out.name}-run"
+        command = [*torchrun, "-m", "launch.train", "--config", "recipes/tiny-full.yaml", "--model.path",
+                   str(model_dir), "--data.max_length", str(MAX_LENGTH[packing]),
+                   "--data.packing", str(packing).lower(),
+                   "--train.global_batch_size", str(GLOBAL_BATCH), "--train.micro_batch_size", str(MICRO_BATCH),
+                   "--train.max_steps", str(steps), "--train.lr", str(LR), "--train.schedule", "constant",
+                   "--train.warmup_ratio", "0", "--train.eval_every", "-1", "--fsdp.mixed_precision", "fp32",
+                   "--run.seed", str(SEED), "--run.output_dir", str(run), "--checkpoint.every_minutes", "0",
+                   "--run.resume", "never"]  # fmt: skip
+        subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "step_time_s" in r]
+        # Wall time from step end to step end, as the other loops are timed: metrics, checks and hooks included.
+        times = [steps[0]["step_time_s"]] + [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:])]
+        summary = json.loads((run / "summary.json").read_text())
+        return [{"rank": r, "step_s": times, "peak_mib": summary["peak_memory_gib_per_rank"][r] * 1024}
+                for r in range(nproc)]  # fmt: skip
+    worker = ["--worker", family, "--model-dir", str(model_dir), "--steps", str(steps), "--out", str(out),
+              "--layout", layout]  # fmt: skip
+    subprocess.run([*torchrun, __file__, *worker], check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(nproc)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--only", nargs="*", choices=CONTESTANTS, default=list(CONTESTANTS))
+    parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default", "loss-memory"))
+    parser.add_argument("--model-dir")
+    parser.add_argument("--layout")
+    parser.add_argument("--chunk-tokens", type=int, default=0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker == "minimal":
+        minimal_worker(args.model_dir, args.layout == "packed", args.steps, args.out)
+        return 0
+    if args.worker in ("hf-fsdp2", "hf-default"):
+        hf_worker(args.model_dir, args.worker == "hf-fsdp2", args.layout == "flat", args.steps, args.out)
+        return 0
+    if args.worker == "loss-memory":
+        loss_memory_worker(args.chunk_tokens, args.out)
+        return 0
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from backbones.tiny import cache_root
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model_dir(root / "bench-llama-27m")
+    tokens = {packing: step_tokens(*shared_data(str(model_dir), packing)[1:], args.steps) for packing in (False, True)}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    load_before = os.getloadavg()
+    results: dict[str, list[dict]] = {c: [] for c in args.only}
+    for round_ in range(args.rounds):
+        order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
+        for contestant in order:
+            ranks = launch(contestant, model_dir, args.steps, tmp / f"{contestant}-{round_}")
+            real, sup = map(sum, zip(*tokens[contestant.endswith("packed")][args.warmup :]))
+            seconds = statistics.mean(sum(r["step_s"][args.warmup :]) for r in ranks)
+            results[contestant].append({"real": real / seconds, "supervised": sup / seconds,
+                                        "peak_mib": max(r["peak_mib"] for r in ranks),
+                                        "wrapped": ranks[0].get("wrapped"),
+                                        "distributed": ranks[0].get("distributed")})  # fmt: skip
+            print(json.dumps({"round": round_, "contestant": contestant, **results[contestant][-1]}), flush=True)
+    load_after = os.getloadavg()
+
+    memory = {}
+    for chunk in (0, 1024):
+        out = tmp / f"loss-memory-{chunk}.json"
+        subprocess.run([sys.executable, __file__, "--worker", "loss-memory", "--chunk-tokens", str(chunk), "--out",
+                        str(out)], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        memory[chunk] = json.loads(out.read_text())
+
+    median = {c: statistics.median(r["real"] for r in rs) for c, rs in results.items()}
+    loads = [", ".join(f"{v:.2f}" for v in load) for load in (load_before, load_after)]
+    print(f"\n{len(results)} contestants x {args.rounds} rounds, {args.steps} steps each ({args.warmup} warm-up steps "
+          f"not timed), global batch {GLOBAL_BATCH}, 2 gloo processes, fp32; load average (1, 5, 15 min) "
+          f"{loads[0]} before, {loads[1]} after\n")  # fmt: skip
+    print("| contestant | real tokens/s (median) | spread (min-max) | supervised tokens/s | peak RSS/rank (MiB) "
+          "| ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for contestant, rs in results.items():
+        ref = {"shardtune-padded": "minimal-padded", "shardtune-packed": "minimal-packed"}.get(contestant)
+        ratio = f"{median[contestant] / median[ref]:.2f}x {ref}" if ref in median else ""
+        real, sup = [r["real"] for r in rs], statistics.median(r["supervised"] for r in rs)
+        print(f"| {contestant} | {median[contestant]:.0f} | {min(real):.0f}-{max(real):.0f} | {sup:.0f} | "
+              f"{max(r['peak_mib'] for r in rs):.0f} | {ratio} |")  # fmt: skip
+    hf = [c for c in median if c.startswith("hf-fsdp2")]
+    if hf and "shardtune-packed" in median:
+        best = max(hf, key=median.get)
+        print(f"\nshardtune packed / HF Trainer's best FSDP2 configuration ({best}): "
+              f"{median['shardtune-packed'] / median[best]:.2f}x")  # fmt: skip
+    for contestant in hf + [c for c in median if c.startswith("hf-default")]:
+        print(f"{contestant}: accelerate ran it as {results[contestant][0]['distributed']}, model wrapped in "
+              f"{results[contestant][0]['wrapped']}")  # fmt: skip
+    full, chunked = memory[0]["growth_mib"], memory[1024]["growth_mib"]
+    print(f"\none training step at seq 2048, vocabulary 32064, fp32, one process: peak RSS growth {full:.0f} MiB "
+          f"with full logits, {chunked:.0f} MiB with the chunked loss (1024 tokens a chunk): "
+          f"{full / chunked:.2f}x lower")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
