@@ -65,8 +65,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # steps between evaluations; 0 = only before and after training; -1 = never
     # The head and the loss run over chunks of this many tokens, recomputed in backward, so no [tokens, vocab] fp32
-    # logits exist at once (0: full logits, as transformers computes them).
-    loss_chunk_tokens: int = 1024
+    # logits exist at once: ~12 x chunk x vocab bytes at a time, 98 MB for LLaMA-2 (0: full logits, as transformers).
+    loss_chunk_tokens: int = 256
     compile: bool = False  # torch.compile each decoder block (after activation checkpointing, before FSDP)
     # Progress in a log file (not a terminal): a line every log_every_s seconds or log_every_steps steps (0: off).
     log_every_s: float = 10.0

@@ -271,7 +271,7 @@ def first_knob(config, memory: dict) -> str:
             f"--train.micro_batch_size {config.train.micro_batch_size // 2} (the global batch stays; more accumulation)"
         )
     if not config.train.loss_chunk_tokens:
-        return "--train.loss_chunk_tokens 1024"
+        return "--train.loss_chunk_tokens 256"
     if not config.fsdp.cpu_offload:
         return "--fsdp.cpu_offload true (or more GPUs: --gpus-per-node / --nodes)"
     return "more GPUs (--nodes), or --train.stage lora"

@@ -41,7 +41,7 @@ class Variant:
     cpu_offload: bool = False
     stage: str = "full"
     compile: bool = False
-    loss_chunk_tokens: int = 1024  # 0: full logits
+    loss_chunk_tokens: int = 256  # 0: full logits
 
 
 def synthetic_packed(vocab: int, max_length: int, rows: int, seed: int = 0) -> TokenizedData:
