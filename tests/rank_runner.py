@@ -7,8 +7,9 @@ that starts a thread), and forks a fresh child for each rank. The child then doe
 `python -m launch.train ARGS` or `python SCRIPT ARGS`: it takes the environment, working directory and argv it was
 given, redirects stdout/stderr, runs the module or script as `__main__` (runpy), runs the atexit handlers, and exits
 with the same status (SystemExit's code, 1 after an uncaught exception with its traceback on stderr). Ranks get the
-env:// variables torchrun would set. Tests about launchers (torchrun, accelerate, Slurm, the smoke run) and tests that
-need a process of their own (signals to a `Popen`) still start real interpreters.
+env:// variables torchrun would set; signals (SIGTERM, SIGINT, SIGSTOP, SIGKILL) reach them as they would reach a
+`Popen`. Tests about launchers (torchrun and its agent, accelerate, Slurm, the smoke run's torchrun) and timed cold
+starts (`--help`, the planner) still start real interpreters.
 """
 
 from __future__ import annotations

@@ -79,6 +79,8 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path):
         "bf16",
         "--train.max_steps",
         "12",
+        "--train.global_batch_size",
+        "16",
         "--train.eval_every",
         "0",
     ]

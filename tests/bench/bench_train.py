@@ -14,8 +14,9 @@ after warm-up. Rounds alternate the contestants' order; the table gives the medi
 shardtune's padding-free layout needs a flash kernel (CUDA): on CPU it falls back to SDPA, so that row is GPU-only.
 Throughput is real tokens (no padding) per second; "supervised" counts the tokens the loss is taken on.
 
-Then, in one process each, the peak resident memory of one training step at seq 2048 of the same model with
-LLaMA-2's 32k vocabulary, full logits against the chunked loss.
+Then the memory of one training step at seq 2048 of the same model with LLaMA-2's 32k vocabulary (torch's MemTracker:
+the tensors alive at the step's peak, weights excluded), full logits against the chunked loss, with activation
+checkpointing per block (as the 7B and 13B recipes run) and without.
 
     python tests/bench/bench_train.py [--rounds 3] [--steps 7] [--warmup 2]
 """
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=2048)  # fmt: skip
 GLOBAL_BATCH, MICRO_BATCH, LR, SEED = 16, 4, 1e-4, 42
+LOSS_CHUNK = 256  # shardtune's default --train.loss_chunk_tokens
 MAX_LENGTH = {False: 128, True: 256}  # padded examples (bundled conversations are < 80 tokens) | packed rows
 CONTESTANTS = ("shardtune-padded", "shardtune-packed", "minimal-padded", "minimal-packed", "hf-fsdp2-padded",
                "hf-fsdp2-flat", "hf-default-flat")  # fmt: skip
@@ -189,7 +191,7 @@ def hf_worker(model_dir: str, fsdp: bool, flat: bool, steps: int, out: str) -> N
             """accelerate drops its FSDP plugin on CPU processes (MULTI_CPU: it runs DDP instead); set the state as
             it is on GPUs, so that the Trainer really shards with FSDP2 (the result records the wrapper it used)."""
             super().create_accelerator_and_postprocess()
-            if fsdp and self.accelerator.state.fsdp_plugin is None:
+            if fsdp and getattr(self.accelerator.state, "fsdp_plugin", None) is None:
                 from accelerate import FullyShardedDataParallelPlugin
                 from accelerate.utils import DistributedType
 
@@ -204,18 +206,22 @@ def hf_worker(model_dir: str, fsdp: bool, flat: bool, steps: int, out: str) -> N
     trainer = SameBatches(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepTimes()])
     trainer.train()
     wrapped = type(trainer.model_wrapped).__name__  # FSDPLlamaForCausalLM under FSDP2, DistributedDataParallel else
-    write_result(out, rank, times, wrapped=wrapped, distributed=str(trainer.accelerator.distributed_type))
+    write_result(out, rank, times, wrapped=wrapped)
 
 
 def write_result(out: str, rank: int, times: list[float], **extra) -> None:
     Path(f"{out}.rank{rank}").write_text(json.dumps({"rank": rank, "step_s": times, "peak_mib": peak_mib(), **extra}))
 
 
-def loss_memory_worker(chunk_tokens: int, out: str) -> None:
-    """Peak RSS growth of one training step at seq 2048 with a 32k vocabulary (one process, fp32)."""
+def loss_memory_mib(chunk_tokens: int, checkpointing: bool) -> dict[str, float]:
+    """Memory of one training step at seq 2048 with a 32k vocabulary (fp32), with or without activation checkpointing
+    per decoder block (the 7B and 13B recipes checkpoint every block): torch's MemTracker counts the tensors alive at
+    the step's peak by kind (activations, temporaries, gradients) beside the weights, exactly, unlike process RSS."""
     from types import MethodType
 
     import torch
+    from torch.distributed._composable import checkpoint
+    from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backbones.loss import causal_lm_loss_sum
@@ -224,13 +230,18 @@ def loss_memory_worker(chunk_tokens: int, out: str) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32064, **SHAPE, attn_implementation="sdpa"))
     model.chunked_loss_sum = MethodType(causal_lm_loss_sum, model)
+    if checkpointing:
+        for block in model.model.layers:
+            checkpoint(block)
     ids = torch.randint(3, 32000, (1, 2048))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-    before = peak_mib()
-    start = time.perf_counter()
-    token_loss_sum(model, batch, chunk_tokens).backward()
-    Path(out).write_text(json.dumps({"chunk_tokens": chunk_tokens, "growth_mib": peak_mib() - before,
-                                     "step_s": time.perf_counter() - start}))  # fmt: skip
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        token_loss_sum(model, batch, chunk_tokens).backward()
+    (peak,) = tracker.get_tracker_snapshot("peak").values()
+    kinds = {str(kind).rsplit(".", 1)[-1].lower(): n / 2**20 for kind, n in peak.items()}
+    return {"step": kinds["total"] - kinds.get("param", 0.0), "weights": kinds.get("param", 0.0)}
 
 
 def launch(contestant: str, model_dir: Path, steps: int, out: Path, nproc: int = 2) -> list[dict]:
@@ -269,10 +280,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--only", nargs="*", choices=CONTESTANTS, default=list(CONTESTANTS))
-    parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default", "loss-memory"))
+    parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default"))
     parser.add_argument("--model-dir")
     parser.add_argument("--layout")
-    parser.add_argument("--chunk-tokens", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker == "minimal":
@@ -280,9 +290,6 @@ def main() -> int:
         return 0
     if args.worker in ("hf-fsdp2", "hf-default"):
         hf_worker(args.model_dir, args.worker == "hf-fsdp2", args.layout == "flat", args.steps, args.out)
-        return 0
-    if args.worker == "loss-memory":
-        loss_memory_worker(args.chunk_tokens, args.out)
         return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -303,17 +310,11 @@ def main() -> int:
             seconds = statistics.mean(sum(r["step_s"][args.warmup :]) for r in ranks)
             results[contestant].append({"real": real / seconds, "supervised": sup / seconds,
                                         "peak_mib": max(r["peak_mib"] for r in ranks),
-                                        "wrapped": ranks[0].get("wrapped"),
-                                        "distributed": ranks[0].get("distributed")})  # fmt: skip
+                                        "wrapped": ranks[0].get("wrapped")})  # fmt: skip
             print(json.dumps({"round": round_, "contestant": contestant, **results[contestant][-1]}), flush=True)
     load_after = os.getloadavg()
 
-    memory = {}
-    for chunk in (0, 1024):
-        out = tmp / f"loss-memory-{chunk}.json"
-        subprocess.run([sys.executable, __file__, "--worker", "loss-memory", "--chunk-tokens", str(chunk), "--out",
-                        str(out)], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-        memory[chunk] = json.loads(out.read_text())
+    memory = {(chunk, ckpt): loss_memory_mib(chunk, ckpt) for ckpt in (True, False) for chunk in (0, LOSS_CHUNK)}
 
     median = {c: statistics.median(r["real"] for r in rs) for c, rs in results.items()}
     loads = [", ".join(f"{v:.2f}" for v in load) for load in (load_before, load_after)]
@@ -335,12 +336,16 @@ def main() -> int:
         print(f"\nshardtune packed / HF Trainer's best FSDP2 configuration ({best}): "
               f"{median['shardtune-packed'] / median[best]:.2f}x")  # fmt: skip
     for contestant in hf + [c for c in median if c.startswith("hf-default")]:
-        print(f"{contestant}: accelerate ran it as {results[contestant][0]['distributed']}, model wrapped in "
-              f"{results[contestant][0]['wrapped']}")  # fmt: skip
-    full, chunked = memory[0]["growth_mib"], memory[1024]["growth_mib"]
-    print(f"\none training step at seq 2048, vocabulary 32064, fp32, one process: peak RSS growth {full:.0f} MiB "
-          f"with full logits, {chunked:.0f} MiB with the chunked loss (1024 tokens a chunk): "
-          f"{full / chunked:.2f}x lower")  # fmt: skip
+        print(f"{contestant}: the Trainer's model was wrapped in {results[contestant][0]['wrapped']}")
+    print(f"\none training step of the same model at seq 2048 with LLaMA-2's vocabulary (32064), fp32, one process; "
+          f"the weights ({memory[0, True]['weights']:.0f} MiB) not counted:\n")  # fmt: skip
+    print(f"| activation checkpointing | step memory, full logits (MiB) | chunked loss, {LOSS_CHUNK} tokens a chunk "
+          f"(MiB) | lower by |")  # fmt: skip
+    print("|---|---|---|---|")
+    for checkpointing in (True, False):
+        full, chunked = (memory[c, checkpointing]["step"] for c in (0, LOSS_CHUNK))
+        label = "every block (as the 7B/13B recipes)" if checkpointing else "none"
+        print(f"| {label} | {full:.0f} | {chunked:.0f} | {full / chunked:.2f}x |")
     return 0
 
 
