@@ -30,11 +30,11 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     """`hidden` [tokens, d] and `labels` [tokens] (aligned: position t predicts labels[t]); `weight` the head's
     [vocab, d]. Chunks whose labels are all ignored are skipped (they add nothing to the loss or its gradient)."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        chunk_labels = labels[start : start + chunk_tokens]
+    # One split (its backward concatenates the chunks' gradients once) rather than a slice per chunk (each slice's
+    # backward writes into a zero-filled tensor of the whole `hidden`).
+    for chunk, chunk_labels in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
         if not bool((chunk_labels != IGNORE_INDEX).any()):
             continue
-        chunk = hidden[start : start + chunk_tokens]
         total = total + checkpoint(_chunk_loss, chunk, weight, chunk_labels, use_reentrant=False)
     return total
 

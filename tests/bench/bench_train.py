@@ -244,7 +244,7 @@ def loss_memory_mib(chunk_tokens: int, checkpointing: bool) -> dict[str, float]:
     return {"step": kinds["total"] - kinds.get("param", 0.0), "weights": kinds.get("param", 0.0)}
 
 
-def launch(contestant: str, model_dir: Path, steps: int, out: Path, nproc: int = 2) -> list[dict]:
+def launch(contestant: str, model_dir: Path, steps: int, out: Path, extra: list[str], nproc: int = 2) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     family, layout = contestant.rsplit("-", 1)
@@ -258,7 +258,7 @@ def launch(contestant: str, model_dir: Path, steps: int, out: Path, nproc: int =
                    "--train.max_steps", str(steps), "--train.lr", str(LR), "--train.schedule", "constant",
                    "--train.warmup_ratio", "0", "--train.eval_every", "-1", "--fsdp.mixed_precision", "fp32",
                    "--run.seed", str(SEED), "--run.output_dir", str(run), "--checkpoint.every_minutes", "0",
-                   "--run.resume", "never"]  # fmt: skip
+                   "--run.resume", "never", *extra]  # fmt: skip
         subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "step_time_s" in r]
@@ -280,6 +280,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--only", nargs="*", choices=CONTESTANTS, default=list(CONTESTANTS))
+    parser.add_argument(
+        "--shardtune-flags", default="", help="more flags for shardtune's runs, e.g. '--train.compile true'"
+    )
     parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default"))
     parser.add_argument("--model-dir")
     parser.add_argument("--layout")
@@ -305,7 +308,9 @@ def main() -> int:
     for round_ in range(args.rounds):
         order = args.only[round_ % len(args.only) :] + args.only[: round_ % len(args.only)]
         for contestant in order:
-            ranks = launch(contestant, model_dir, args.steps, tmp / f"{contestant}-{round_}")
+            ranks = launch(
+                contestant, model_dir, args.steps, tmp / f"{contestant}-{round_}", args.shardtune_flags.split()
+            )
             real, sup = map(sum, zip(*tokens[contestant.endswith("packed")][args.warmup :]))
             seconds = statistics.mean(sum(r["step_s"][args.warmup :]) for r in ranks)
             results[contestant].append({"real": real / seconds, "supervised": sup / seconds,
