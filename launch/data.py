@@ -23,7 +23,7 @@ from backbones.prompting import BOS, Prompt
 from backbones.tiny import cache_root
 from launch.attention import takes_flat_batches
 from launch.config import DataConfig
-from launch.data_sources import DataError, load_rows, render_row, resolve_path
+from launch.data_sources import DataError, RowPlace, load_rows, render_row, resolve_path
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -121,7 +121,7 @@ def tokenize(rows: datasets.Dataset, data: DataConfig, builder, tokenizer, where
     max_chars = CHARS_PER_TOKEN_BOUND * data.max_length
 
     def batch(columns: dict[str, list], indices: list[int]) -> dict[str, list]:
-        prompts = [render_row({k: v[i] for k, v in columns.items()}, data, builder, where(index))
+        prompts = [render_row({k: v[i] for k, v in columns.items()}, data, builder, RowPlace(where, index))
                    for i, index in enumerate(indices)]  # fmt: skip
         out = {"input_ids": [], "labels": [], "length": [], "overlong": []}
         for prompt, (ids, labels) in zip(prompts, encode_prompts(prompts, tokenizer, max_chars)):

@@ -126,7 +126,18 @@ def load_hub_dataset(source: str, split: str) -> tuple[datasets.Dataset, str, Ca
     return dataset, f"{source}:{split}:{dataset._fingerprint}", lambda i: f"{source} ({split}) row {i}"
 
 
-def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, where: str) -> Prompt:
+class RowPlace:
+    """How an error names row `index`, worked out only when an error message is formatted: `file:line` reads the file
+    up to that row, which per row would make tokenizing a JSON-lines file quadratic in its length."""
+
+    def __init__(self, where: Callable[[int], str], index: int) -> None:
+        self.where, self.index = where, index
+
+    def __str__(self) -> str:
+        return self.where(self.index)
+
+
+def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, where: str | RowPlace) -> Prompt:
     """One row -> the prompt text and its supervised spans, per `data.format`."""
 
     def field(name: str) -> str:
@@ -153,7 +164,9 @@ def render_row(row: dict[str, Any], data: DataConfig, builder: PromptBuilder, wh
     return builder.build(*conversation_turns(row, data.messages_field, where))
 
 
-def conversation_turns(row: dict[str, Any], key: str, where: str) -> tuple[list[tuple[str, str]], str | None]:
+def conversation_turns(
+    row: dict[str, Any], key: str, where: str | RowPlace
+) -> tuple[list[tuple[str, str]], str | None]:
     """`messages` = [system?] then alternating user/assistant, ending with an assistant answer."""
     messages = row.get(key)
     if messages is None:
