@@ -256,13 +256,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(pid: int, sig: int) -> None:
-    """Send `sig` to `pid` and all its descendants at once (SIGKILL: nothing gets to clean up)."""
-    for target in [pid, *descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target, sig)
-
-
 def interrupt_with_sigterm(args: list[str], out: Path, min_step: int, log: Path) -> int:
     """Run `python -m launch.train ARGS` (one process) and SIGTERM it once `min_step` steps are logged; returns its
     exit status (75 when it saved a checkpoint and stopped)."""
