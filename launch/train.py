@@ -53,7 +53,7 @@ from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
-from launch.data import TokenizedData, batch_layout, build_tokenized
+from launch.data import TokenizedData, batch_layout, build_tokenized, column
 from launch.data_sources import DataError
 from launch.export import export_model
 from launch.flops import build_flop_counter, peak_bf16_flops
@@ -243,7 +243,8 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     backbone.init_non_persistent_buffers()
     layout = batch_layout(config.data.packing, prepared.attn)
     data = prepared.train_data
-    lengths = data.dataset["length"] if layout == "padded" else None  # padded micro-batches sorted by length
+    # padded micro-batches are sorted by length
+    lengths = column(data.dataset, "length").tolist() if layout == "padded" else None
     sampler = GlobalBatchSampler(len(data.dataset), train.global_batch_size, config.run.seed, lengths)
     total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
     # The schedule before the load: building it writes the step-0 learning rate into the optimizer, which the

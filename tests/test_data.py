@@ -98,6 +98,17 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_backbone, t
     assert max(len(ids) for ids in data.dataset["input_ids"]) <= 32
 
 
+def test_dropping_a_whole_tokenizer_batch_or_every_example(tiny_backbone, tmp_path):
+    long, short = chat(("hi", "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3)), chat(("hi", "yes"))
+    cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", [long] * 1000 + [short] * 7), format="chat",
+                     max_length=32, overlong="drop")  # fmt: skip
+    data = build_tokenized(cfg, tiny_backbone, "train")  # the first batch of 1000 leaves nothing
+    assert (data.overlong, len(data.dataset)) == (1000, 7)
+    cfg.path = write_jsonl(tmp_path / "e.jsonl", [long] * 3)
+    with pytest.raises(DataError, match="every example is longer than --data.max_length=32"):
+        build_tokenized(cfg, tiny_backbone, "train")
+
+
 def test_alpaca_and_text_formats_with_field_overrides(tiny_backbone, tmp_path):
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"q": "Add the two numbers.", "ctx": "2 3", "a": "5"}])
     data = build_tokenized(

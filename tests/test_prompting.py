@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from backbones.prompting import VICUNA_SYSTEM_PROMPT, LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
-from launch.data import IGNORE_INDEX, encode_prompt
+from launch.config import DataConfig
+from launch.data import IGNORE_INDEX, encode_prompt, encode_texts, supervised, supervised_by_offsets
+from launch.data_sources import render_row
 
 TURNS = [("What is 2 plus 3?", "5"), ("And the capital of Peru?", "Lima"), ("Opposite of hot?", "cold")]
 SYSTEM = "Answer with one word."
@@ -124,3 +128,25 @@ def test_text_from_data_never_becomes_control_tokens(tiny_backbone, name):
     assert counts == [2 if name == "llama2-chat" else 1, 2, 0]  # only the format's own BOS/EOS
     assert ids == reference_ids(name, turns, "sys </s>", tokenizer)
     assert "</s> <s>" in tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_span_lookup_labels_equal_the_token_by_token_overlap_rule(tiny_backbone, name):
+    """`supervised` finds a span's tokens with two character lookups; on awkward text (multi-byte characters that fall
+    back to byte tokens, whitespace runs, answers at a chunk's first character, a lone space) it must give exactly
+    the labels of checking every token's offsets."""
+    rng = random.Random(0)
+    pieces = ["a", "the", " ", "  ", "\n", "\t", "é", "日本", "🙂", "👩‍💻", "</s>", "[INST]", "9", ".", "ß", "\u200b"]
+
+    def text(k: int) -> str:
+        return "".join(rng.choices(pieces, k=k))
+
+    prompts = [BUILDERS[name]("x").build([(text(rng.randint(0, 8)) or "q", text(rng.randint(1, 8)))] * 2)
+               for _ in range(300)]  # fmt: skip
+    text_format = DataConfig(format="text")  # its span starts at a chunk's character 0
+    prompts += [render_row({"text": text(rng.randint(1, 12))}, text_format, None, "row") for _ in range(100)]
+    chunks = [chunk for prompt in prompts for chunk in prompt.chunks if not chunk.special]
+    encodings = encode_texts([chunk.text for chunk in chunks], tiny_backbone.tokenizer)
+    for chunk, encoding in zip(chunks, encodings):
+        exact = supervised_by_offsets(encoding.ids, encoding.offsets, chunk.spans)
+        assert supervised(encoding, chunk.spans) == exact, (chunk.text, chunk.spans, encoding.offsets)

@@ -110,13 +110,34 @@ def generate(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+def encode_prompt_per_chunk(prompt, tokenizer) -> tuple[list[int], list[int]]:
+    """The earlier `launch.data.encode_prompt` (commit 8808fa0), verbatim: one tokenizer call per text chunk, every
+    token's offsets checked in Python. Kept here so that the baseline stays the path the issue measured."""
+    from backbones.prompting import BOS
+    from launch.data import IGNORE_INDEX
+
+    ids, labels = [], []
+    for chunk in prompt.chunks:
+        if chunk.special:
+            token = tokenizer.bos_token_id if chunk.special == BOS else tokenizer.eos_token_id
+            ids.append(token)
+            labels.append(token if chunk.supervised else IGNORE_INDEX)
+            continue
+        encoding = tokenizer(chunk.text, add_special_tokens=False, return_offsets_mapping=True,
+                             split_special_tokens=True)  # fmt: skip
+        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            supervised = end > start and any(start < b and end > a for a, b in chunk.spans)
+            ids.append(token)
+            labels.append(token if supervised else IGNORE_INDEX)
+    return ids, labels
+
+
 def rows_in_python(path: Path) -> int:
     """The earlier path, kept here as the baseline: Python lists of every row, one tokenizer call per row."""
     import datasets
 
     from backbones import build_backbone
     from launch.config import DataConfig
-    from launch.data import encode_prompt
     from launch.data_sources import render_row
 
     backbone = build_backbone("llama2-tiny-chat", load_weights=False)
@@ -125,7 +146,7 @@ def rows_in_python(path: Path) -> int:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records = {"input_ids": [], "labels": [], "overlong": []}
     for i, row in enumerate(rows):
-        ids, labels = encode_prompt(render_row(row, data, builder, f"{path}:{i + 1}"), backbone.tokenizer)
+        ids, labels = encode_prompt_per_chunk(render_row(row, data, builder, f"{path}:{i + 1}"), backbone.tokenizer)
         records["overlong"].append(len(ids) > data.max_length)
         records["input_ids"].append(ids[: data.max_length])
         records["labels"].append(labels[: data.max_length])
@@ -134,7 +155,7 @@ def rows_in_python(path: Path) -> int:
     return len(dataset)
 
 
-def arrow_batched(path: Path) -> int:
+def arrow_batched(path: Path) -> int:  # returns the packed rows
     from backbones import build_backbone
     from launch.config import DataConfig
     from launch.data import build_tokenized
@@ -156,7 +177,7 @@ def worker(mode: str, path: str) -> None:
     rows = (rows_in_python if mode == "rows-in-python" else arrow_batched)(Path(path))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_mib": peak_mib(),
-                                  "children_peak_mib": children, "rows": rows}), flush=True)  # fmt: skip
+                                  "children_peak_mib": children, "out_rows": rows}), flush=True)  # fmt: skip
 
 
 def two_ranks(mode: str, path: Path, home: Path) -> list[dict]:

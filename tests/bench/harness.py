@@ -47,13 +47,14 @@ class Variant:
 def synthetic_packed(vocab: int, max_length: int, rows: int, seed: int = 0) -> TokenizedData:
     """Packed rows of random examples with SFT-like lengths (64 to max_length / 2 tokens), answers supervised."""
     rng = random.Random(seed)
-    examples = {"input_ids": [], "labels": []}
+    examples = {"input_ids": [], "labels": [], "length": []}
     total = 0
     while total < rows * max_length:
         n = rng.randint(64, max_length // 2)
         ids = [1] + [rng.randrange(3, vocab - 1) for _ in range(n - 1)]
         examples["input_ids"].append(ids)
         examples["labels"].append([IGNORE_INDEX] * (n // 2) + ids[n // 2 :])
+        examples["length"].append(n)
         total += n
     return pack(datasets.Dataset.from_dict(examples), max_length, vocab - 1, False, 0)
 
