@@ -77,13 +77,13 @@ def shared_data(model_dir: str, packing: bool):
     """shardtune's tokenized bundled data (its cache) and sampler: what every contestant trains on."""
     from backbones import build_backbone
     from launch.config import DataConfig
-    from launch.data import build_tokenized
+    from launch.data import build_tokenized, column
     from launch.sampler import GlobalBatchSampler
 
     backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
     config = DataConfig(path="bundled", max_length=MAX_LENGTH[packing], packing=packing)
     data = build_tokenized(config, backbone, "train")
-    lengths = None if packing else data.dataset["length"]
+    lengths = None if packing else column(data.dataset, "length").tolist()
     return backbone.tokenizer, data, GlobalBatchSampler(len(data.dataset), GLOBAL_BATCH, SEED, lengths)
 
 
@@ -101,44 +101,95 @@ def step_tokens(data, sampler, steps: int) -> list[tuple[int, int]]:
     return [(sum(map(real_tokens, b)), sum(map(supervised, b))) for b in batches]
 
 
-def minimal_worker(model_dir: str, packing: bool, steps: int, out: str) -> None:
-    """A hand-written FSDP2 loop, as short as it can be while training exactly what shardtune trains."""
+def build_minimal(model_dir: str, world: int):
+    """The hand-written loop's model and optimizer: fully_shard per block + root, plain AdamW."""
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaForCausalLM
 
-    from launch.data import collate
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tokenizer, data, sampler = shared_data(model_dir, packing)
     model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    return model, optimizer
+
+
+def minimal_step(model, optimizer, tokenizer, data, sampler, packing: bool, step: int, rank: int, world: int) -> None:
+    """One optimizer step of the hand-written loop over this rank's share of global batch `step`: full logits."""
+    import torch
+    import torch.distributed as dist
+
+    from launch.data import collate
+
+    micro = [collate([data.dataset[i] for i in idx], tokenizer.pad_token_id, "packed" if packing else "padded")
+             for idx in sampler.micro_batches(step, rank, world, MICRO_BATCH)]  # fmt: skip
+    count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
+    dist.all_reduce(count)
+    for batch in micro:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum") / count  # fmt: skip
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def minimal_worker(model_dir: str, packing: bool, steps: int, out: str) -> None:
+    """A hand-written FSDP2 loop, as short as it can be while training exactly what shardtune trains."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer, data, sampler = shared_data(model_dir, packing)
+    model, optimizer = build_minimal(model_dir, world)
     times, last = [], time.perf_counter()
     for step in range(steps):
-        micro = [collate([data.dataset[i] for i in idx], tokenizer.pad_token_id, "packed" if packing else "padded")
-                 for idx in sampler.micro_batches(step, rank, world, MICRO_BATCH)]  # fmt: skip
-        count = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
-        dist.all_reduce(count)
-        for batch in micro:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                     ignore_index=-100, reduction="sum") / count  # fmt: skip
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        minimal_step(model, optimizer, tokenizer, data, sampler, packing, step, rank, world)
         now = time.perf_counter()
         times.append(now - last)
         last = now
     write_result(out, rank, times)
     dist.destroy_process_group()
+
+
+def interleaved_worker(model_dir: str, packing: bool, out: str, shardtune_argv: list[str]) -> None:
+    """shardtune (`launch.train.main`, in this process) and the hand-written loop take turns step by step in one job:
+    after each shardtune step the minimal loop runs the same global batch on its own model. Whatever else loads the
+    machine then weighs on both alike, seconds apart. shardtune's step k is timed from the end of the minimal step
+    k - 1 to the start of minimal step k (its loop, metrics and step-end collective included)."""
+    import torch.distributed as dist
+
+    from launch import train
+    from launch.trainer import Trainer
+
+    state: dict = {"model": None, "last_end": None, "shardtune": [], "minimal": []}
+    train_step = Trainer.train_step
+
+    def paired_step(self: Trainer) -> dict:
+        record = train_step(self)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if state["model"] is None:  # built once the process group exists (shardtune's main starts it)
+            state["data"] = shared_data(model_dir, packing)
+            state["model"], state["optimizer"] = build_minimal(model_dir, world)
+        start = time.perf_counter()
+        if state["last_end"] is not None:
+            state["shardtune"].append(start - state["last_end"])
+        tokenizer, data, sampler = state["data"]
+        minimal_step(state["model"], state["optimizer"], tokenizer, data, sampler, packing, self.step - 1, rank,
+                     world)  # fmt: skip
+        state["last_end"] = time.perf_counter()
+        state["minimal"].append(state["last_end"] - start)
+        return record
+
+    Trainer.train_step = paired_step
+    if train.main(shardtune_argv) != 0:
+        raise SystemExit("the shardtune run failed")
+    rank = int(os.environ["RANK"])
+    Path(f"{out}.rank{rank}").write_text(json.dumps({"shardtune": state["shardtune"], "minimal": state["minimal"]}))
 
 
 def hf_worker(model_dir: str, fsdp: bool, flat: bool, steps: int, out: str) -> None:
@@ -244,6 +295,29 @@ def loss_memory_mib(chunk_tokens: int, checkpointing: bool) -> dict[str, float]:
     return {"step": kinds["total"] - kinds.get("param", 0.0), "weights": kinds.get("param", 0.0)}
 
 
+def shardtune_args(model_dir: Path, packing: bool, steps: int, run: Path, extra: list[str]) -> list[str]:
+    return ["--config", "recipes/tiny-full.yaml", "--model.path", str(model_dir), "--data.max_length",
+            str(MAX_LENGTH[packing]), "--data.packing", str(packing).lower(),
+            "--train.global_batch_size", str(GLOBAL_BATCH), "--train.micro_batch_size", str(MICRO_BATCH),
+            "--train.max_steps", str(steps), "--train.lr", str(LR), "--train.schedule", "constant",
+            "--train.warmup_ratio", "0", "--train.eval_every", "-1", "--fsdp.mixed_precision", "fp32",
+            "--run.seed", str(SEED), "--run.output_dir", str(run), "--checkpoint.every_minutes", "0",
+            "--run.resume", "never", *extra]  # fmt: skip
+
+
+def interleaved(model_dir: Path, packing: bool, steps: int, out: Path, extra: list[str], nproc: int = 2) -> dict:
+    """shardtune and the minimal loop step by step in one torchrun job (see interleaved_worker): per-step times."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = shardtune_args(model_dir, packing, steps, out.parent / f"{out.name}-run", extra)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+               "--worker", "interleaved", "--model-dir", str(model_dir), "--out", str(out),
+               "--layout", "packed" if packing else "padded", "--shardtune-argv", json.dumps(args)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(nproc)]
+    # A step ends when the slowest rank's does: the ranks' mean, as for the separate runs.
+    return {name: [statistics.mean(t) for t in zip(*(r[name] for r in ranks))] for name in ("shardtune", "minimal")}
+
+
 def launch(contestant: str, model_dir: Path, steps: int, out: Path, extra: list[str], nproc: int = 2) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -251,14 +325,7 @@ def launch(contestant: str, model_dir: Path, steps: int, out: Path, extra: list[
     packing = layout == "packed"
     if family == "shardtune":
         run = out.parent / f"{out.name}-run"
-        command = [*torchrun, "-m", "launch.train", "--config", "recipes/tiny-full.yaml", "--model.path",
-                   str(model_dir), "--data.max_length", str(MAX_LENGTH[packing]),
-                   "--data.packing", str(packing).lower(),
-                   "--train.global_batch_size", str(GLOBAL_BATCH), "--train.micro_batch_size", str(MICRO_BATCH),
-                   "--train.max_steps", str(steps), "--train.lr", str(LR), "--train.schedule", "constant",
-                   "--train.warmup_ratio", "0", "--train.eval_every", "-1", "--fsdp.mixed_precision", "fp32",
-                   "--run.seed", str(SEED), "--run.output_dir", str(run), "--checkpoint.every_minutes", "0",
-                   "--run.resume", "never", *extra]  # fmt: skip
+        command = [*torchrun, "-m", "launch.train", *shardtune_args(model_dir, packing, steps, run, extra)]
         subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "step_time_s" in r]
@@ -283,11 +350,21 @@ def main() -> int:
     parser.add_argument(
         "--shardtune-flags", default="", help="more flags for shardtune's runs, e.g. '--train.compile true'"
     )
-    parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default"))
+    parser.add_argument(
+        "--interleaved-steps",
+        type=int,
+        default=12,
+        help="steps of the step-by-step shardtune/minimal pairing per layout (0: skip it)",
+    )
+    parser.add_argument("--worker", choices=("minimal", "hf-fsdp2", "hf-default", "interleaved"))
+    parser.add_argument("--shardtune-argv", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir")
     parser.add_argument("--layout")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.worker == "interleaved":
+        interleaved_worker(args.model_dir, args.layout == "packed", args.out, json.loads(args.shardtune_argv))
+        return 0
     if args.worker == "minimal":
         minimal_worker(args.model_dir, args.layout == "packed", args.steps, args.out)
         return 0
@@ -317,10 +394,18 @@ def main() -> int:
                                         "peak_mib": max(r["peak_mib"] for r in ranks),
                                         "wrapped": ranks[0].get("wrapped")})  # fmt: skip
             print(json.dumps({"round": round_, "contestant": contestant, **results[contestant][-1]}), flush=True)
+    pairs = {}
+    if args.interleaved_steps:
+        for packing in (True, False):
+            layout = "packed" if packing else "padded"
+            pairs[layout] = interleaved(model_dir, packing, args.interleaved_steps, tmp / f"interleaved-{layout}",
+                                        args.shardtune_flags.split())  # fmt: skip
+            print(json.dumps({"interleaved": layout, **pairs[layout]}), flush=True)
     load_after = os.getloadavg()
 
     memory = {(chunk, ckpt): loss_memory_mib(chunk, ckpt) for ckpt in (True, False) for chunk in (0, LOSS_CHUNK)}
 
+    results = {c: rs for c, rs in results.items() if rs}  # --rounds 0: only the interleaved pairs and memory
     median = {c: statistics.median(r["real"] for r in rs) for c, rs in results.items()}
     loads = [", ".join(f"{v:.2f}" for v in load) for load in (load_before, load_after)]
     print(f"\n{len(results)} contestants x {args.rounds} rounds, {args.steps} steps each ({args.warmup} warm-up steps "
@@ -342,6 +427,20 @@ def main() -> int:
               f"{median['shardtune-packed'] / median[best]:.2f}x")  # fmt: skip
     for contestant in hf + [c for c in median if c.startswith("hf-default")]:
         print(f"{contestant}: the Trainer's model was wrapped in {results[contestant][0]['wrapped']}")
+    if pairs:
+        print(
+            f"\nshardtune and the minimal loop taking turns step by step in one job (same global batches; the "
+            f"first {args.warmup} pairs not timed; shardtune's step includes its metrics and step-end collective):\n"
+        )
+        print("| layout | pairs | shardtune s/step (median) | minimal s/step (median) | shardtune speed / minimal, all "
+              "steps | per pair: median (min-max) |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        for layout, times in pairs.items():
+            ours, theirs = times["shardtune"][args.warmup - 1 :], times["minimal"][args.warmup :]
+            ratios = [m / o for o, m in zip(ours, theirs)]  # equal tokens per step: time ratio = speed ratio
+            print(f"| {layout} | {len(ratios)} | {statistics.median(ours):.2f} | {statistics.median(theirs):.2f} | "
+                  f"{sum(theirs) / sum(ours):.3f}x | {statistics.median(ratios):.3f}x ({min(ratios):.2f}-"
+                  f"{max(ratios):.2f}) |")  # fmt: skip
     print(f"\none training step of the same model at seq 2048 with LLaMA-2's vocabulary (32064), fp32, one process; "
           f"the weights ({memory[0, True]['weights']:.0f} MiB) not counted:\n")  # fmt: skip
     print(f"| activation checkpointing | step memory, full logits (MiB) | chunked loss, {LOSS_CHUNK} tokens a chunk "
