@@ -68,6 +68,10 @@ class TrainConfig:
     # logits exist at once: ~12 x chunk x vocab bytes at a time, 98 MB for LLaMA-2 (0: full logits, as transformers).
     loss_chunk_tokens: int = 256
     compile: bool = False  # torch.compile each decoder block (after activation checkpointing, before FSDP)
+    # Python's cyclic garbage collector runs only every this many steps, on every rank at once (as torchtitan's
+    # gc_freq): left automatic, it pauses each rank at its own moments and the others wait at the next collective.
+    # 0 = automatic.
+    gc_every_steps: int = 50
     # Progress in a log file (not a terminal): a line every log_every_s seconds or log_every_steps steps (0: off).
     log_every_s: float = 10.0
     log_every_steps: int = 0

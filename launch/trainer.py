@@ -3,10 +3,12 @@ global gradient-norm clipping, periodic evaluation, metrics. Uses only the verbs
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,23 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor | int], chunk
         return model.chunked_loss_sum(batch["labels"], chunk_tokens, **inputs)
     logits = model(**inputs, use_cache=False).logits
     return cross_entropy_sum(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+
+
+@contextmanager
+def steps_collect_garbage(every: int) -> Iterator[None]:
+    """With `every` > 0, Python's automatic cyclic collection is off while training and the loop collects the young
+    generations every `every` steps, on all ranks at the same step (torchtitan's gc_freq). Left automatic, a full
+    collection (~0.4 s among the ~450k objects of a training process) pauses one rank at a time while the others wait
+    for it at the next collective: on bench-train's packed CPU run, 0.4-0.8 s per rank in 4 steps of 10 s."""
+    if not every or not gc.isenabled():
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -149,20 +168,24 @@ class Trainer:
         eval_every = self.train.eval_every
         evaluating = self.eval_data is not None and eval_every >= 0
         bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
-        try:
-            if evaluating and self.step == 0:
-                self.log_eval()
-            while self.step < self.total_steps:
-                record = self.train_step()
-                self.metrics.log(record)
-                bar.step(record)
-                last = self.step == self.total_steps
-                if evaluating and ((eval_every and self.step % eval_every == 0) or last):
+        gc_every = self.train.gc_every_steps
+        with steps_collect_garbage(gc_every):
+            try:
+                if evaluating and self.step == 0:
                     self.log_eval()
-                if on_step_end is not None:
-                    on_step_end(self)
-        finally:
-            bar.close()
+                while self.step < self.total_steps:
+                    record = self.train_step()
+                    self.metrics.log(record)
+                    bar.step(record)
+                    last = self.step == self.total_steps
+                    if evaluating and ((eval_every and self.step % eval_every == 0) or last):
+                        self.log_eval()
+                    if gc_every and self.step % gc_every == 0:
+                        gc.collect(1)
+                    if on_step_end is not None:
+                        on_step_end(self)
+            finally:
+                bar.close()
 
     def log_eval(self) -> None:
         eval_loss = self.evaluate()

@@ -109,6 +109,10 @@ def optimizer_problems(config: Config) -> list[str]:
             f"--train.eval_every={train.eval_every} is not valid: choose N > 0 (every N steps), 0 (only "
             "before and after training) or -1 (never)"
         )
+    if train.gc_every_steps < 0:
+        problems.append(
+            f"--train.gc_every_steps={train.gc_every_steps} must be >= 0 (0: Python's automatic collection)"
+        )
     lora = config.lora
     if lora.rank < 1 or not positive(lora.alpha) or not 0 <= lora.dropout < 1:
         problems.append(f"--lora.rank={lora.rank} must be >= 1, --lora.alpha={lora.alpha} > 0 and "

@@ -70,6 +70,10 @@ REFUSALS = {
         ["--data.path", "/nonexistent/train.jsonl"],
         "--data.path=/nonexistent/train.jsonl: no such file",
     ),
+    "negative_gc_interval": (
+        ["--train.gc_every_steps", "-5"],
+        "--train.gc_every_steps=-5 must be >= 0 (0: Python's automatic collection)",
+    ),
     "flash_attention_on_cpu": (
         ["--model.attn_implementation", "flash_attention_2"],
         "--model.attn_implementation=flash_attention_2 cannot be used",

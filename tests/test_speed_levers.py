@@ -164,3 +164,43 @@ def test_two_ranks_starting_together_tokenize_once(tmp_path, tiny_dir):
     for rank in ranks:
         rank.join(timeout=120)
     assert sorted(queue.get(timeout=5) for _ in ranks) == [False, True]  # one built it, the other read it
+
+
+def test_garbage_is_collected_at_step_boundaries_only(monkeypatch):
+    """`--train.gc_every_steps N`: no automatic collection while training (a pause on one rank stalls the others at
+    the next collective), the young generations collected every N steps on every rank alike, Python's own collection
+    back afterwards, also when training fails; 0 leaves Python's automatic collection alone."""
+    from types import SimpleNamespace
+
+    from launch.config import TrainConfig
+    from launch.trainer import Trainer
+
+    collected, enabled_while_training = [], []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collected.append(generation))
+
+    def train_step(self) -> dict:
+        enabled_while_training.append(gc.isenabled())
+        self.step += 1
+        if self.step == self.fail_at:
+            raise RuntimeError("a failed step")
+        return {"step": self.step, "loss": 1.0, "lr": 1e-4, "tokens_per_s": 1.0}
+
+    def run(every: int, total: int, fail_at: int = 0) -> None:
+        collected.clear()
+        enabled_while_training.clear()
+        train = TrainConfig(gc_every_steps=every, eval_every=-1, log_every_s=0)
+        stub = SimpleNamespace(train=train, eval_data=None, total_steps=total, step=0, fail_at=fail_at,
+                               metrics=SimpleNamespace(log=lambda record: None))  # fmt: skip
+        stub.train_step = train_step.__get__(stub)
+        Trainer.fit(stub)
+
+    assert gc.isenabled()
+    run(every=3, total=7)
+    assert collected == [2, 1, 1]  # one full collection first, then the young generations at steps 3 and 6
+    assert enabled_while_training == [False] * 7
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="a failed step"):
+        run(every=3, total=7, fail_at=4)
+    assert gc.isenabled()
+    run(every=0, total=4)
+    assert collected == [] and enabled_while_training == [True] * 4
