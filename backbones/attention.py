@@ -1,4 +1,4 @@
-"""PyTorch's own FlashAttention-2 varlen kernel (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA) as a
+"""PyTorch's own FlashAttention-2 varlen kernel (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.11, CUDA) as a
 transformers attention implementation, so that flash attention needs no flash-attn build.
 
 Registered as `torch_varlen` in transformers' AttentionInterface (and, for mask creation, as a flash-style
@@ -22,27 +22,24 @@ TORCH_VARLEN = "torch_varlen"
 
 
 def torch_varlen_kernel() -> Callable | None:
-    """torch's varlen kernel, looked up at call time (tests replace it with a reference implementation)."""
+    """torch's varlen kernel, looked up at call time (tests present it in another torch's signature)."""
     try:
         from torch.nn.attention import varlen
-    except ImportError:  # torch < 2.10
+    except ImportError:  # torch < 2.10 (shardtune needs 2.11)
         return None
     return getattr(varlen, "varlen_attn", None)
 
 
 def causal_kwargs(kernel: Callable, heads_q: int, heads_kv: int) -> tuple[dict, bool]:
     """Keyword arguments that make `kernel` causal for the signature this torch has, and whether K/V must be repeated
-    for grouped-query heads. torch 2.10 takes `is_causal`; 2.11+ take `window_size`, whose default (-1, -1) is NOT
-    causal: causal is the tuple (-1, 0) (torch compares with `==`, so a list would silently mean non-causal)."""
+    for grouped-query heads. torch 2.11+ take `window_size`, whose default (-1, -1) is NOT causal: causal is the tuple
+    (-1, 0) (torch compares with `==`, so a list would silently mean non-causal). torch 2.11 has no `enable_gqa`: its
+    kernel then gets K/V repeated to the query heads; 2.13 takes the grouped heads as they are."""
     params = inspect.signature(kernel).parameters
-    if "window_size" in params:
-        kwargs: dict = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
-        kwargs = {"is_causal": True}
-    else:
-        raise RuntimeError(
-            f"unsupported varlen_attn signature {inspect.signature(kernel)}: no window_size or is_causal"
-        )
+    if "window_size" not in params:
+        raise RuntimeError(f"unsupported varlen_attn signature {inspect.signature(kernel)}: no window_size "
+                           "(shardtune needs torch >= 2.11)")  # fmt: skip
+    kwargs: dict = {"window_size": (-1, 0)}
     repeat_kv = heads_q != heads_kv and "enable_gqa" not in params
     if heads_q != heads_kv and not repeat_kv:
         kwargs["enable_gqa"] = True
@@ -68,7 +65,7 @@ def varlen_attention_forward(
     [batch, tokens, heads, head_dim]."""
     kernel = torch_varlen_kernel()
     if kernel is None:
-        raise RuntimeError("attn_implementation=torch_varlen needs torch >= 2.10 (torch.nn.attention.varlen)")
+        raise RuntimeError("attn_implementation=torch_varlen needs torch >= 2.11 (torch.nn.attention.varlen)")
     if dropout:
         raise ValueError(f"torch_varlen attention has no dropout (got {dropout}); use sdpa for attention dropout")
     batch, heads_q, q_len, head_dim = query.shape
@@ -78,7 +75,7 @@ def varlen_attention_forward(
     causal = module.is_causal if is_causal is None else is_causal
     kernel_kwargs, repeat_kv = causal_kwargs(kernel, heads_q, heads_kv)
     if not causal:
-        kernel_kwargs = {k: v for k, v in kernel_kwargs.items() if k == "enable_gqa"}
+        kernel_kwargs.pop("window_size")
     # The kernel takes [total tokens, heads, head_dim].
     q, k, v = (x.transpose(1, 2).reshape(batch * q_len, x.shape[1], head_dim) for x in (query, key, value))
     if repeat_kv:

@@ -100,22 +100,41 @@ def apply_parallelism(
     return model
 
 
-# Ops whose outputs selective activation checkpointing keeps: the matmuls and attention, where the FLOPs are.
-SAVED_OPS = {
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default, torch.ops.aten._flash_attention_forward.default,
-}  # fmt: skip
+# Ops whose outputs selective activation checkpointing keeps: the matmuls and every attention kernel, where the FLOPs
+# are. SAC decides per op at the dispatcher, and a custom op is one op there: torch's varlen attention is the custom op
+# torch_attn::_varlen_attn (the aten._flash_attention_forward inside it is never seen), and flash-attn's kernels are
+# custom ops of their own (flashattn:: since 2.7, flash_attn:: before). Unlisted, each would be recomputed in backward.
+SAVED_OPS = (
+    "aten.mm", "aten.addmm", "aten.bmm", "aten.linear", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_cudnn_attention", "aten._flash_attention_forward", "torch_attn._varlen_attn",
+    "flashattn._flash_attn_forward", "flashattn._flash_attn_varlen_forward", "flash_attn._flash_attn_forward",
+    "flash_attn._flash_attn_varlen_forward",
+)  # fmt: skip
 
 
-def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def saved_ops() -> set:
+    """The SAVED_OPS that exist in this process (flash-attn's only once it is imported)."""
+    import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn::_varlen_attn)
+
+    found = set()
+    for name in SAVED_OPS:
+        namespace, op = name.split(".")
+        try:
+            found.add(getattr(getattr(torch.ops, namespace), op).default)
+        except (AttributeError, RuntimeError):
+            continue
+    return found
 
 
 def selective_context():
-    return create_selective_checkpoint_contexts(_keep_matmuls)
+    """Fresh contexts for one checkpointed forward (torch calls this per forward, after flash-attn has loaded)."""
+    saved = saved_ops()
+
+    def keep(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(keep)
 
 
 def set_gradient_sync(model: nn.Module, last_micro_step: bool) -> None:

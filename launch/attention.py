@@ -1,5 +1,5 @@
 """Choosing the attention kernel, in one place: flash-attn's FlashAttention-2 where it imports and can run, else
-PyTorch's own FA2 varlen kernel (torch >= 2.10), else SDPA, with one log line saying which and why.
+PyTorch's own FA2 varlen kernel (torch >= 2.11), else SDPA, with one log line saying which and why.
 
 The two flash kernels take padding-free batches (`takes_flat_batches`): one flattened row per micro-batch with
 `cu_seq_lens`, so no padding token is computed and attention never crosses examples. SDPA and eager take padded or
@@ -52,7 +52,7 @@ def kernel_problem(implementation: str, device: torch.device, mixed_precision: s
         return _gpu_problem("FlashAttention-2 (flash-attn)", device, mixed_precision)
     if implementation == TORCH_VARLEN:
         if torch_varlen_kernel() is None:
-            return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.10)"
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.11)"
         return _gpu_problem("torch's varlen FlashAttention-2", device, mixed_precision)
     return None
 
