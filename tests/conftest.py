@@ -80,29 +80,42 @@ def launch_env(env: dict | None = None) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
 
 
-_forkserver = None
+def ranks_start_method() -> str:
+    """How test ranks start: forked from a warm forkserver (tests/rank_runner.py) on a machine without CUDA; spawned
+    fresh on a CUDA machine. The forkserver imports transformers, and with flash-attn installed transformers calls
+    torch.cuda.is_available() at import: that initialises CUDA in the process every rank would be forked from, and a
+    forked child cannot use CUDA then. A spawned rank pays its own imports (seconds on a GPU machine's CPUs)."""
+    import torch
+
+    return "spawn" if torch.cuda.is_available() else "forkserver"
 
 
-def forkserver():
-    """The session's multiprocessing forkserver (tests/rank_runner.py): warm imports, a fresh fork per rank."""
-    global _forkserver
-    if _forkserver is None:
-        import multiprocessing
+_contexts: dict = {}
 
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["rank_runner"])
-        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "PYTHONPATH")}
-        # What the server imports torch under; its sys.path comes from PYTHONPATH (3.11's forkserver ignores ours).
-        os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-        try:
+
+def rank_context(method: str | None = None):
+    """The multiprocessing context test ranks start from (see ranks_start_method)."""
+    import multiprocessing
+
+    method = method or ranks_start_method()
+    if method in _contexts:
+        return _contexts[method]
+    context = multiprocessing.get_context(method)
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "PYTHONPATH")}
+    # What the server imports torch under; its sys.path comes from PYTHONPATH (3.11's forkserver ignores ours).
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"), saved["PYTHONPATH"]) if p)
+    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=path)
+    try:
+        if method == "forkserver":
             from multiprocessing import forkserver as server
 
+            context.set_forkserver_preload(["rank_preload", "rank_runner"])
             server.ensure_running()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        _forkserver = context
-    return _forkserver
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    _contexts[method] = context
+    return context
 
 
 def run_cli(
@@ -115,8 +128,8 @@ def run_cli(
     launcher: str = "spawn",
     module: str = "launch.train",
 ) -> subprocess.CompletedProcess:
-    """Run `launch_command(...)` to completion, capturing its output. Plain runs and spawned ranks come from the warm
-    forkserver (tests/rank_runner.py) and behave as `python -m MODULE ARGS` would; torchrun is torchrun."""
+    """Run `launch_command(...)` to completion, capturing its output. Plain runs and spawned ranks come from
+    `rank_context` (tests/rank_runner.py) and behave as `python -m MODULE ARGS` would; torchrun is torchrun."""
     if nproc and (launcher != "spawn" or torchrun_args is not None):
         return subprocess.run(launch_command(args, nproc, script, torchrun_args, launcher, module), cwd=ROOT,
                               env=launch_env(env), capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -124,17 +137,19 @@ def run_cli(
 
 
 class ForkedRun:
-    """`nproc` ranks (0: one plain process) as forkserver children, running `python -m MODULE ARGS` (or a script)
-    with torchrun's env:// variables. `log` puts stdout and stderr together in one file, as a `Popen` test would;
-    otherwise `wait` returns them as a CompletedProcess."""
+    """`nproc` ranks (0: one plain process) as children of `rank_context` (forked from the warm forkserver, or spawned
+    on a CUDA machine), running `python -m MODULE ARGS` (or a script) with torchrun's env:// variables. `log` puts
+    stdout and stderr together in one file, as a `Popen` test would; otherwise `wait` returns them as a
+    CompletedProcess. `start_method` overrides ranks_start_method()."""
 
     def __init__(self, args: list[str], nproc: int = 0, env: dict | None = None, script: str | None = None,
-                 module: str = "launch.train", log: Path | None = None) -> None:  # fmt: skip
+                 module: str = "launch.train", log: Path | None = None,
+                 start_method: str | None = None) -> None:  # fmt: skip
         import tempfile
 
         import rank_runner
 
-        context = forkserver()
+        context = rank_context(start_method)
         self.target, self.args = launch_target(script, module), args
         self.logs = None if log else Path(tempfile.mkdtemp(prefix="shardtune-ranks-"))
         self.out, self.err = (log, log) if log else (self.logs / "stdout", self.logs / "stderr")

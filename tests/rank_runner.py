@@ -2,14 +2,16 @@
 
 Every `python -m launch.train` spends ~10 s of CPU importing torch, transformers and datasets before it does anything;
 on a 2-core machine that is most of a test's wall time. `run_cli` therefore starts its ranks through a
-multiprocessing *forkserver*: one server process, started once per test session, imports those libraries (and nothing
-that starts a thread), and forks a fresh child for each rank. The child then does what the interpreter does for
-`python -m launch.train ARGS` or `python SCRIPT ARGS`: it takes the environment, working directory and argv it was
-given, redirects stdout/stderr, runs the module or script as `__main__` (runpy), runs the atexit handlers, and exits
-with the same status (SystemExit's code, 1 after an uncaught exception with its traceback on stderr). Ranks get the
-env:// variables torchrun would set; signals (SIGTERM, SIGINT, SIGSTOP, SIGKILL) reach them as they would reach a
-`Popen`. Tests about launchers (torchrun and its agent, accelerate, Slurm, the smoke run's torchrun) and timed cold
-starts (`--help`, the planner) still start real interpreters.
+multiprocessing *forkserver*: one server process, started once per test session, imports those libraries
+(tests/rank_preload.py, nothing that starts a thread), and forks a fresh child for each rank. On a CUDA machine the
+ranks are spawned instead (conftest.ranks_start_method says why) and import what they use themselves. The child
+then does what the interpreter does for `python -m launch.train ARGS` or `python SCRIPT ARGS`: it takes the
+environment, working directory and argv it was given, redirects stdout/stderr, runs the module or script as
+`__main__` (runpy), runs the atexit handlers, and exits with the same status (SystemExit's code, 1 after an uncaught
+exception with its traceback on stderr). Ranks get the env:// variables torchrun would set; signals (SIGTERM, SIGINT,
+SIGSTOP, SIGKILL) reach them as they would reach a `Popen`. Tests about launchers (torchrun and its agent,
+accelerate, Slurm, the smoke run's torchrun) and timed cold starts (`--help`, the planner) still start real
+interpreters.
 """
 
 from __future__ import annotations
@@ -20,19 +22,6 @@ import os
 import runpy
 import sys
 import traceback
-
-# What the server imports once (no module here starts a thread at import).
-PRELOAD = ["torch", "transformers", "datasets", "draccus", "peft", "safetensors.torch", "backbones", "fsdp",
-           "launch.config", "launch.data", "launch.trainer", "launch.export", "launch.validate", "matplotlib.figure",
-           "matplotlib.backends.backend_agg"]  # fmt: skip
-
-
-def _preload() -> None:
-    import torch  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401  (the lazy module: load the model code now)
-
-    for name in PRELOAD:
-        __import__(name)
 
 
 def run(target: list[str], args: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> None:
@@ -76,6 +65,3 @@ def run(target: list[str], args: list[str], env: dict, cwd: str, stdout: str, st
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-
-_preload()
