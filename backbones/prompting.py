@@ -109,6 +109,14 @@ class PromptBuilder:
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         raise NotImplementedError
 
+    def build_text(self, text: str) -> Prompt:
+        """A plain document (no turns), supervised whole, between BOS and EOS."""
+        prompt = Prompt()
+        prompt.add_special(BOS)
+        prompt.add_text("", text)
+        prompt.add_special(EOS, supervised=True)
+        return prompt
+
 
 # Shared head of the chat templates: an optional system message, then user/assistant turns.
 _SYSTEM = (

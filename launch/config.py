@@ -46,6 +46,9 @@ class DataConfig:
     max_length: int = 512  # tokens per example (or per packed row)
     overlong: str = "truncate"  # truncate | drop
     packing: bool = False  # pack examples into rows of max_length, attention kept within each example
+    # Peak resident memory of each tokenizing process (the cache is built by up to 8 of them): their batches are sized
+    # to stay under it, whatever the dataset's size.
+    tokenize_memory_mb: int = 2048
 
 
 @dataclass
@@ -301,5 +304,5 @@ def dump_config(config: Config) -> str:
 
 
 def looks_local(path: str) -> bool:
-    """A path with a data-file suffix or a path separator that exists locally is a file, else a Hub dataset id."""
-    return path.endswith((".jsonl", ".json", ".parquet")) or path.startswith(("/", "./", "../", "~"))
+    """A data-file suffix, a glob or a path-like start means a local path; anything else is a Hub dataset id."""
+    return path.endswith((".jsonl", ".json", ".parquet")) or "*" in path or path.startswith(("/", "./", "../", "~"))

@@ -35,11 +35,10 @@ def setup_logging(is_rank0: bool) -> None:
     root.setLevel(logging.INFO if is_rank0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Library progress bars (dataset saving, weight loading) would interleave with the training bar.
-    import datasets
+    # Library progress bars (weight loading) would interleave with the training bar; `datasets`, imported only for
+    # Hub datasets, turns its own off there (launch/data/sources.py).
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 

@@ -24,7 +24,7 @@ from backbones.registry import prompt_builder_of
 from backbones.tiny import ensure_tiny_model
 from launch.bundled_data import bundled_path
 from launch.data import encode_prompt
-from launch.data_sources import conversation_turns
+from launch.data.conversation import chat_conversation
 from launch.metrics import setup_logging
 
 BACKBONE = "llama2-tiny-chat"
@@ -37,10 +37,10 @@ def held_out_prompts(n: int, tokenizer) -> list[tuple[list[int], str, str]]:
     rows = [json.loads(line) for line in bundled_path("chat", "eval").read_text().splitlines()][:n]
     prompts = []
     for i, row in enumerate(rows):
-        turns, system = conversation_turns(row, "messages", f"eval row {i}")
+        conversation = chat_conversation(row, "messages", f"eval row {i}")
         # Up to the answer, trailing space dropped: the answer's space belongs to its first token (`▁Lima`).
-        prompt = builder.build(turns[:1], system=system).until_answer(0)
-        prompts.append((encode_prompt(prompt, tokenizer)[0], prompt.text, turns[0][1]))
+        prompt = builder.build(conversation.turns[:1], system=conversation.system).until_answer(0)
+        prompts.append((encode_prompt(prompt, tokenizer)[0], prompt.text, conversation.turns[0][1]))
     return prompts
 
 

@@ -19,6 +19,7 @@ if __name__ == "__main__" and any(arg in ("-h", "--help") for arg in sys.argv[1:
 
     sys.exit(print_help())
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,17 +55,22 @@ from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
-from launch.data import TokenizedData, batch_layout, build_tokenized, column
-from launch.data_sources import DataError
+from launch.data import DataError, GlobalBatchSampler, TokenizedData, TokenizingStopped, batch_layout, build_tokenized
 from launch.export import export_model
 from launch.flops import build_flop_counter, peak_bf16_flops
-from launch.lifecycle import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, watch_launcher
+from launch.lifecycle import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    watch_launcher,
+)
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
-from launch.preemption import PreemptionHandler
+from launch.preemption import PreemptionHandler, write_marker
 from launch.record import peak_memory_gib, write_run_record, write_summary
 from launch.rundir import RunDirError, RunDirLock, check_run_dir, clean_leftovers, start_run
-from launch.sampler import GlobalBatchSampler
 from launch.stage import apply_stage, lora_settings, lora_target_problems
 from launch.step_end import StepEnd, Stopped
 from launch.trainer import Trainer
@@ -95,9 +102,10 @@ class RunFailed(Exception):
     """The run cannot go on (a stalled or failed collective); the message names the step."""
 
 
-def prepare(argv: list[str], env: DistEnv) -> Prepared:
+def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lambda: False) -> Prepared:
     """Everything that can be refused, checked identically on every rank before any process group exists and before
-    anything is written: a bad run exits at once on all ranks instead of leaving some waiting in a collective."""
+    anything is written: a bad run exits at once on all ranks instead of leaving some waiting in a collective.
+    `should_stop()` turning true (a signal) stops a long tokenization between parts (TokenizingStopped)."""
     config = parse_config(argv)
     validate_config(config, env.world_size)
     check_run_dir(config.run.output_dir, config.run.overwrite, config.run.resume)
@@ -115,9 +123,10 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     if problems := lora_target_problems(backbone, lora):
         raise ConfigError(f"invalid configuration: {problems[0]}")
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
-    train_data = build_tokenized(config.data, backbone, "train")
+    train_data = build_tokenized(config.data, backbone, "train", should_stop=should_stop)
     check_fills_a_batch(train_data, config)
-    eval_data = build_tokenized(config.data, backbone, "eval", packing=False) if has_eval(config) else None
+    eval_data = (build_tokenized(config.data, backbone, "eval", packing=False, should_stop=should_stop)
+                 if has_eval(config) else None)  # fmt: skip
     # resume: the newest intact checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
     hf_extras = hf_extras_writer(config, backbone)
@@ -142,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     # From here on SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the next step boundary instead of killing the process.
     preemption = PreemptionHandler()
     try:
-        prepared = prepare(sys.argv[1:] if argv is None else argv, env)
+        prepared = prepare(sys.argv[1:] if argv is None else argv, env, lambda: preemption.received is not None)
     except BAD_INPUT as error:
         if is_rank0():
             print(f"shardtune: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if preemption.received is not None:  # Ctrl-C while preparing: nothing to save yet
-        return EXIT_INTERRUPTED
+    except TokenizingStopped:
+        prepared = None  # the finished parts of the tokenization cache are kept: the re-run builds only the rest
+    if preemption.received is not None:  # a signal while preparing: nothing to checkpoint yet
+        return stopped_while_preparing(preemption.received, sys.argv[1:] if argv is None else argv)
     config = prepared.config
     # Loading and saving run under the long timeout; training collectives under --run.collective_timeout_s.
     init_distributed(env, timeout_s=config.checkpoint.timeout_s, cpu_collectives=config.fsdp.cpu_offload)
@@ -182,6 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
         lock.release()
     return status
+
+
+def stopped_while_preparing(signum: int, argv: list[str]) -> int:
+    """Ctrl-C exits with 130; a preemption with 75 and, on rank 0, the `preempted` marker that makes the batch script
+    requeue the job (the re-run resumes a half-built tokenization)."""
+    if signum == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    if is_rank0():
+        with contextlib.suppress(ConfigError, OSError):
+            run_dir = Path(parse_config(argv).run.output_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_marker(run_dir, 0, signum)
+        log.warning("preempted before training started; exiting with status %d for a requeue", EXIT_PREEMPTED)
+    return EXIT_PREEMPTED
 
 
 def has_eval(config: Config) -> bool:
@@ -244,7 +269,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     layout = batch_layout(config.data.packing, prepared.attn)
     data = prepared.train_data
     # padded micro-batches are sorted by length
-    lengths = column(data.dataset, "length").tolist() if layout == "padded" else None
+    lengths = data.dataset.lengths if layout == "padded" else None
     sampler = GlobalBatchSampler(len(data.dataset), train.global_batch_size, config.run.seed, lengths)
     total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
     # The schedule before the load: building it writes the step-0 learning rate into the optimizer, which the

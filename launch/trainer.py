@@ -17,10 +17,9 @@ from torch import nn
 from backbones.loss import cross_entropy_sum
 from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
 from launch.config import TrainConfig
-from launch.data import IGNORE_INDEX, TokenizedData, collate
+from launch.data import IGNORE_INDEX, GlobalBatchSampler, TokenizedData, collate
 from launch.flops import FlopCounter
 from launch.metrics import MetricsWriter, Progress
-from launch.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ directory and the model directory. All problems are reported at once, each namin
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -68,8 +69,8 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
         problems.append(f"--data.max_length={config.data.max_length} is too small; use at least 8")
     for key in ("path", "eval_path"):
         path = getattr(config.data, key)
-        if check_paths and path and path != "bundled" and looks_local(path) and not Path(path).exists():
-            problems.append(f"--data.{key}={path}: no such file")
+        if check_paths and path and path != "bundled" and looks_local(path) and not local_data_exists(path):
+            problems.append(f"--data.{key}={path}: no such file" + (" matches the pattern" if "*" in path else ""))
     if config.data.path == "bundled" and config.data.format not in ("alpaca", "chat"):
         problems.append(f"--data.format={config.data.format}: bundled data comes as alpaca or chat; give --data.path")
     for tracker in config.run.trackers:
@@ -88,6 +89,11 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
         raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def local_data_exists(path: str) -> bool:
+    expanded = str(Path(path).expanduser())
+    return bool(glob.glob(expanded)) if "*" in path else Path(expanded).exists()
 
 
 def positive(value: float) -> bool:

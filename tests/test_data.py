@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from launch.config import DataConfig
-from launch.data import IGNORE_INDEX, build_tokenized, collate
-from launch.data_sources import DataError
-from launch.sampler import GlobalBatchSampler
+from launch.data import IGNORE_INDEX, DataError, GlobalBatchSampler, build_tokenized, collate
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -78,12 +79,13 @@ def test_sampler_gives_the_same_global_batches_for_any_world_size_and_micro_batc
     assert sampler.global_batch(sampler.steps_per_epoch) != sampler.global_batch(0)  # reshuffled per epoch
 
 
-def test_tokenization_is_cached_for_the_second_run(tiny_backbone, tmp_path):
+def test_tokenization_is_cached_for_the_second_run(tiny_backbone, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "home"))  # entries are keyed by content: start empty
     path = write_jsonl(tmp_path / "d.jsonl", [chat(("What is 1 plus 1?", "2"))] * 5)
     cfg = DataConfig(path=path, format="chat")
     first, second = build_tokenized(cfg, tiny_backbone, "train"), build_tokenized(cfg, tiny_backbone, "train")
     assert not first.from_cache and second.from_cache
-    assert first.dataset["input_ids"] == second.dataset["input_ids"]
+    assert [e["input_ids"] for e in first.dataset] == [e["input_ids"] for e in second.dataset]
     write_jsonl(tmp_path / "d.jsonl", [chat(("What is 1 plus 2?", "3"))] * 5)  # new content -> new cache entry
     assert not build_tokenized(cfg, tiny_backbone, "train").from_cache
 
@@ -95,7 +97,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tiny_backbone, t
     data = build_tokenized(cfg, tiny_backbone, "train")
     assert data.overlong == 2
     assert len(data.dataset) == (5 if mode == "truncate" else 3)
-    assert max(len(ids) for ids in data.dataset["input_ids"]) <= 32
+    assert max(data.dataset.lengths) <= 32
 
 
 def test_dropping_a_whole_tokenizer_batch_or_every_example(tiny_backbone, tmp_path):
@@ -125,10 +127,11 @@ def test_alpaca_and_text_formats_with_field_overrides(tiny_backbone, tmp_path):
 
 
 def test_parquet_and_json_files_load(tiny_backbone, tmp_path):
-    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     rows = [chat(("What is 1 plus 1?", "2"))] * 3
-    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     for name in ("d.parquet", "d.json"):
         assert len(build_tokenized(DataConfig(path=str(tmp_path / name)), tiny_backbone, "train").dataset) == 3
@@ -167,6 +170,7 @@ def test_missing_data_file_names_the_path_and_flag(tiny_backbone, tmp_path):
 
 
 def test_dataset_directory_loads_through_the_hub_dataset_path(tiny_backbone, tmp_path):
+    pytest.importorskip("datasets", reason="a dataset directory is read by `datasets`, which the GPU image lacks")
     directory = tmp_path / "my-dataset"
     directory.mkdir()
     write_jsonl(directory / "train.jsonl", [chat(("What is 1 plus 1?", "2"))] * 4)
@@ -174,3 +178,87 @@ def test_dataset_directory_loads_through_the_hub_dataset_path(tiny_backbone, tmp
     assert len(data.dataset) == 4
     with pytest.raises(DataError, match="could not load split 'validation'"):
         build_tokenized(DataConfig(path=str(directory), format="chat", split="validation"), tiny_backbone, "train")
+
+
+def many_rows(n: int) -> list[dict]:
+    return [chat((f"What is {i} plus {i % 7}?", str(i + i % 7))) for i in range(n)]
+
+
+def test_a_source_in_many_parts_tokenizes_in_workers_to_the_same_examples(tiny_backbone, tmp_path, monkeypatch):
+    from launch.data import sources
+
+    path = write_jsonl(tmp_path / "d.jsonl", many_rows(600))
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "one"))
+    whole = build_tokenized(DataConfig(path=path), tiny_backbone, "train").dataset
+    monkeypatch.setattr(sources, "MIN_PART_BYTES", 4096)  # ~60 rows a part: 10 parts, tokenized by 2 forked workers
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "many"))
+    parts = build_tokenized(DataConfig(path=path), tiny_backbone, "train").dataset
+    assert len(parts.parts) >= 8 and len(parts) == len(whole) == 600
+    assert [parts[i] for i in range(600)] == [whole[i] for i in range(600)]
+    assert all(isinstance(a, np.memmap) for part in parts.parts for a in part.values())  # read through memory maps
+
+
+def test_a_stopped_tokenization_keeps_its_parts_and_the_next_run_builds_only_the_rest(tiny_backbone, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    from launch.data import TokenizingStopped, cache, sources
+
+    path = write_jsonl(tmp_path / "d.jsonl", many_rows(600))
+    monkeypatch.setattr(sources, "MIN_PART_BYTES", 4096)
+    monkeypatch.setattr(cache.os, "cpu_count", lambda: 1)  # parts in turn, in this process
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "home"))
+    built = []
+    real_build_part = cache.build_part
+    monkeypatch.setattr(cache, "build_part", lambda part, *a: built.append(part.index) or real_build_part(part, *a))
+    asked = iter([False, False, False, True])  # a signal arrives while the 4th part is due
+    with pytest.raises(TokenizingStopped):
+        build_tokenized(DataConfig(path=path), tiny_backbone, "train", should_stop=lambda: next(asked))
+    assert built == [0, 1, 2]
+    resumed = build_tokenized(DataConfig(path=path), tiny_backbone, "train")
+    total = len(resumed.dataset.parts)
+    assert built == list(range(3)) + list(range(3, total)) and not resumed.from_cache
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "fresh"))
+    fresh = build_tokenized(DataConfig(path=path), tiny_backbone, "train").dataset
+    assert [resumed.dataset[i] for i in range(600)] == [fresh[i] for i in range(600)]
+
+
+def test_tokenizing_in_a_log_file_shows_progress_with_rate_and_eta(tiny_backbone, tmp_path, monkeypatch, caplog):
+    from launch.data import cache, sources
+
+    monkeypatch.setattr(sources, "MIN_PART_BYTES", 4096)
+    monkeypatch.setattr(cache.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(cache.BuildProgress, "every_s", 0.0)  # a line per part
+    monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "home"))
+    with caplog.at_level(logging.INFO, logger="launch.data"):
+        build_tokenized(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", many_rows(300))), tiny_backbone, "train")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing ")]
+    assert len(lines) >= 3 and all(
+        "examples/s" in line and "ETA" in line and "% of the bytes" in line for line in lines
+    )
+
+
+def test_parquet_shards_by_glob_and_directory(tiny_backbone, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = many_rows(30)
+    for k in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[k * 10 : (k + 1) * 10]), shards / f"train-{k:05d}.parquet",
+                       row_group_size=4)  # fmt: skip
+    by_glob = build_tokenized(DataConfig(path=str(shards / "*.parquet")), tiny_backbone, "train").dataset
+    by_dir = build_tokenized(DataConfig(path=str(shards)), tiny_backbone, "train").dataset
+    assert len(by_glob.parts) == 9 and len(by_glob) == len(by_dir) == 30
+    assert by_glob[29] == by_dir[29]
+    (shards / "train-00001.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"train-00001\.parquet: not a readable parquet file"):
+        build_tokenized(DataConfig(path=str(shards)), tiny_backbone, "train")
+
+
+def test_without_the_datasets_package_local_files_train_and_a_hub_id_says_what_to_install(tiny_backbone, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails, as on the GPU image
+    path = write_jsonl(tmp_path / "d.jsonl", many_rows(5))
+    assert len(build_tokenized(DataConfig(path=path), tiny_backbone, "train").dataset) == 5
+    with pytest.raises(DataError, match=r"some/hub-dataset: a Hub dataset or dataset directory needs the `datasets`"):
+        build_tokenized(DataConfig(path="some/hub-dataset"), tiny_backbone, "train")

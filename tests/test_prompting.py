@@ -7,9 +7,7 @@ import random
 import pytest
 
 from backbones.prompting import VICUNA_SYSTEM_PROMPT, LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
-from launch.config import DataConfig
-from launch.data import IGNORE_INDEX, encode_prompt, encode_texts, supervised, supervised_by_offsets
-from launch.data_sources import render_row
+from launch.data.tokenize import IGNORE_INDEX, encode_prompt, encode_texts, supervised, supervised_by_offsets
 
 TURNS = [("What is 2 plus 3?", "5"), ("And the capital of Peru?", "Lima"), ("Opposite of hot?", "cold")]
 SYSTEM = "Answer with one word."
@@ -143,8 +141,8 @@ def test_span_lookup_labels_equal_the_token_by_token_overlap_rule(tiny_backbone,
 
     prompts = [BUILDERS[name]("x").build([(text(rng.randint(0, 8)) or "q", text(rng.randint(1, 8)))] * 2)
                for _ in range(300)]  # fmt: skip
-    text_format = DataConfig(format="text")  # its span starts at a chunk's character 0
-    prompts += [render_row({"text": text(rng.randint(1, 12))}, text_format, None, "row") for _ in range(100)]
+    # the text format: its span starts at a chunk's character 0
+    prompts += [BUILDERS[name]("x").build_text(text(rng.randint(1, 12))) for _ in range(100)]
     chunks = [chunk for prompt in prompts for chunk in prompt.chunks if not chunk.special]
     encodings = encode_texts([chunk.text for chunk in chunks], tiny_backbone.tokenizer)
     for chunk, encoding in zip(chunks, encodings):

@@ -20,8 +20,7 @@ from backbones.loss import chunked_cross_entropy_sum
 from fsdp import apply_parallelism, build_mesh
 from fsdp.materialize import materialize
 from launch.config import DataConfig
-from launch.data import build_tokenized, collate, plan_packing
-from launch.sampler import GlobalBatchSampler
+from launch.data import GlobalBatchSampler, build_tokenized, collate, plan_packing
 from launch.trainer import token_loss_sum
 
 
@@ -124,7 +123,7 @@ def test_plan_packing_is_seeded_and_fills_bins_best_first():
 def test_length_sorted_micro_batches_leave_the_loss_exact(sharded_tiny):
     backbone, model = sharded_tiny
     data = build_tokenized(DataConfig(path="bundled", format="alpaca", max_length=128), backbone, "train")
-    lengths = data.dataset["length"]
+    lengths = data.dataset.lengths
     plain, sorted_ = GlobalBatchSampler(len(lengths), 16, 3), GlobalBatchSampler(len(lengths), 16, 3, lengths)
     pad = backbone.tokenizer.pad_token_id
     losses, widths = [], []
@@ -138,11 +137,11 @@ def test_length_sorted_micro_batches_leave_the_loss_exact(sharded_tiny):
     assert losses[1] == pytest.approx(losses[0], abs=1e-4) and widths[1] < widths[0]  # same loss, less padding
 
 
-def build_in_process(path: str, home: str, queue) -> None:
+def build_in_process(path: str, home: str, model: str, queue) -> None:
     import os
 
     os.environ["SHARDTUNE_HOME"] = home
-    backbone = build_backbone("llama2-tiny-chat", load_weights=False)
+    backbone = build_backbone("llama2-tiny-chat", path=model, load_weights=False)
     data = build_tokenized(DataConfig(path=path, format="chat", max_length=64), backbone, "train")
     queue.put(data.from_cache)
 
@@ -150,15 +149,15 @@ def build_in_process(path: str, home: str, queue) -> None:
 @pytest.mark.slow
 def test_two_ranks_starting_together_tokenize_once(tmp_path, tiny_dir):
     import json
-    import os
 
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
             for i in range(3000)]  # fmt: skip
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    home = os.environ["SHARDTUNE_HOME"]
-    ranks = [context.Process(target=build_in_process, args=(str(tmp_path / "d.jsonl"), home, queue)) for _ in range(2)]
+    home = str(tmp_path / "home")  # cache entries are keyed by content: an empty cache, the tiny model from the session
+    ranks = [context.Process(target=build_in_process, args=(str(tmp_path / "d.jsonl"), home, str(tiny_dir), queue))
+             for _ in range(2)]  # fmt: skip
     for rank in ranks:
         rank.start()
     for rank in ranks:

@@ -138,7 +138,7 @@ def rows_in_python(path: Path) -> int:
 
     from backbones import build_backbone
     from launch.config import DataConfig
-    from launch.data_sources import render_row
+    from launch.data.conversation import row_to_conversation
 
     backbone = build_backbone("llama2-tiny-chat", load_weights=False)
     data = DataConfig(path=str(path), format="alpaca", max_length=512)
@@ -146,7 +146,9 @@ def rows_in_python(path: Path) -> int:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records = {"input_ids": [], "labels": [], "overlong": []}
     for i, row in enumerate(rows):
-        ids, labels = encode_prompt_per_chunk(render_row(row, data, builder, f"{path}:{i + 1}"), backbone.tokenizer)
+        conversation = row_to_conversation(row, data, f"{path}:{i + 1}")
+        prompt = builder.build(conversation.turns, system=conversation.system)
+        ids, labels = encode_prompt_per_chunk(prompt, backbone.tokenizer)
         records["overlong"].append(len(ids) > data.max_length)
         records["input_ids"].append(ids[: data.max_length])
         records["labels"].append(labels[: data.max_length])

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -18,11 +17,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from fsdp import DistEnv, apply_parallelism, build_mesh
 from fsdp.materialize import materialize
 from launch.config import TrainConfig
-from launch.data import IGNORE_INDEX, TokenizedData, batch_layout, pack
+from launch.data import IGNORE_INDEX, GlobalBatchSampler, TokenizedData, batch_layout, pack
+from launch.data.cache import write_entry
 from launch.flops import FlopCounter, build_flop_counter, peak_bf16_flops
 from launch.metrics import MetricsWriter
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
-from launch.sampler import GlobalBatchSampler
 from launch.trainer import Trainer
 
 # A LLaMA-2-shaped ~1.1B model (TinyLlama's shape with LLaMA-2's vocabulary + <PAD>, padded to 64).
@@ -47,16 +46,14 @@ class Variant:
 def synthetic_packed(vocab: int, max_length: int, rows: int, seed: int = 0) -> TokenizedData:
     """Packed rows of random examples with SFT-like lengths (64 to max_length / 2 tokens), answers supervised."""
     rng = random.Random(seed)
-    examples = {"input_ids": [], "labels": [], "length": []}
-    total = 0
+    examples, total = [], 0
     while total < rows * max_length:
         n = rng.randint(64, max_length // 2)
         ids = [1] + [rng.randrange(3, vocab - 1) for _ in range(n - 1)]
-        examples["input_ids"].append(ids)
-        examples["labels"].append([IGNORE_INDEX] * (n // 2) + ids[n // 2 :])
-        examples["length"].append(n)
+        examples.append((ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
         total += n
-    return pack(datasets.Dataset.from_dict(examples), max_length, vocab - 1, False, 0)
+    entry = Path(tempfile.mkdtemp(prefix="synthetic-packed-"))
+    return pack(write_entry(entry, examples), max_length, vocab - 1, False, 0)
 
 
 def build_model(shape: dict, env: DistEnv, variant: Variant) -> tuple[torch.nn.Module, FlopCounter, set[str]]:

@@ -39,13 +39,12 @@ def shared_data(model_dir: str, packing: bool):
     """shardtune's tokenized bundled data (its cache) and sampler: what every contestant trains on."""
     from backbones import build_backbone
     from launch.config import DataConfig
-    from launch.data import build_tokenized, column
-    from launch.sampler import GlobalBatchSampler
+    from launch.data import GlobalBatchSampler, build_tokenized
 
     backbone = build_backbone("llama2-tiny-chat", path=model_dir, load_weights=False)
     config = DataConfig(path="bundled", max_length=MAX_LENGTH[packing], packing=packing)
     data = build_tokenized(config, backbone, "train")
-    lengths = None if packing else column(data.dataset, "length").tolist()
+    lengths = None if packing else data.dataset.lengths
     return backbone.tokenizer, data, GlobalBatchSampler(len(data.dataset), GLOBAL_BATCH, SEED, lengths)
 
 

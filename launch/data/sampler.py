@@ -1,6 +1,6 @@
-"""A world-size-invariant sampler: global step s of an epoch takes examples [s*G, (s+1)*G) of a seeded permutation
-(G = global batch), then splits them across ranks and micro-batches. One process and eight see the same global
-batches, so loss curves, resumption and world-size changes stay comparable."""
+"""Stage 7 of the data pipeline, global batches: global step s of an epoch takes items (examples or packed rows)
+[s*G, (s+1)*G) of a seeded permutation (G = global batch), then splits them across ranks and micro-batches. One
+process and eight see the same global batches, so loss curves, resumption and world-size changes stay comparable."""
 
 from __future__ import annotations
 

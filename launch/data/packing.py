@@ -1,0 +1,165 @@
+"""Stage 6 of the data pipeline: examples -> the rows a micro-batch is made of.
+
+- packed rows: best-fit-decreasing bins of examples, each at most `max_length` tokens (TRL's `bfd`), assembled when
+  read (packing copies nothing), with position ids restarting per example;
+- micro-batches in one of three layouts (`collate`): padded rows, packed rows, or one padding-free flat row with the
+  cumulative lengths flash kernels take.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from launch.attention import takes_flat_batches
+from launch.data.cache import IGNORE_INDEX, TokenizedExamples
+
+log = logging.getLogger("launch.data")
+
+
+@dataclass
+class TokenizedData:
+    """One split, ready for batching: examples, or packed rows over them."""
+
+    dataset: TokenizedExamples | PackedRows  # items: {input_ids, labels} (+ position_ids, lengths when packed)
+    packed: bool
+    from_cache: bool
+    overlong: int  # examples truncated or dropped
+    padding_fraction: float = 0.0  # packed rows only
+
+    @property
+    def examples(self) -> TokenizedExamples:
+        return self.dataset.examples if self.packed else self.dataset
+
+
+def plan_packing(lengths: Sequence[int], max_length: int, seed: int = 0, window: int = 20_000) -> list[list[int]]:
+    """Best-fit-decreasing bins of example indices, each bin at most `max_length` tokens (TRL's `bfd`), within
+    windows of a seeded shuffle: long and short examples mix, and order stays random at the scale of a window."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    bins: list[list[int]] = []
+    for lo in range(0, len(order), window):
+        chunk = sorted(order[lo : lo + window], key=lambda i: -lengths[i])
+        free: list[tuple[int, int]] = []  # (room left, bin index), sorted: the best fit is the first with enough room
+        for index in chunk:
+            n = lengths[index]
+            at = bisect.bisect_left(free, (n, -1))
+            if at == len(free):
+                bins.append([index])
+                room, b = max_length - n, len(bins) - 1
+            else:
+                room, b = free.pop(at)
+                bins[b].append(index)
+                room -= n
+            if room > 0:
+                bisect.insort(free, (room, b))
+    return bins
+
+
+class PackedRows:
+    """Packed rows as a view over the tokenized examples: a row is assembled when it is read. Position ids restart per
+    example so that, with no attention mask, transformers keeps attention within each example (the padding tail is a
+    segment of its own); `lengths` lets flash kernels drop the tail and take exact boundaries."""
+
+    def __init__(self, examples: TokenizedExamples, bins: list[list[int]], max_length: int, pad_id: int) -> None:
+        self.examples, self.bins, self.max_length, self.pad_id = examples, bins, max_length, pad_id
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        rows = [self.examples[i] for i in self.bins[index]]
+        ids = [t for row in rows for t in row["input_ids"]]
+        labels = [t for row in rows for t in row["labels"]]
+        lengths = [len(row["input_ids"]) for row in rows]
+        pad = self.max_length - len(ids)
+        return {
+            "input_ids": ids + [self.pad_id] * pad,
+            "labels": labels + [IGNORE_INDEX] * pad,
+            "position_ids": [p for n in lengths for p in range(n)] + list(range(pad)),
+            "lengths": lengths,
+        }
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Real tokens per row."""
+        per_example = self.examples.lengths
+        return np.array([int(per_example[b].sum()) for b in self.bins], np.int64)
+
+
+def pack(examples: TokenizedExamples, max_length: int, pad_id: int, from_cache: bool, overlong: int,
+         seed: int = 0) -> TokenizedData:  # fmt: skip
+    """Best-fit-decreasing packing into rows of `max_length` (see plan_packing and PackedRows)."""
+    lengths = examples.lengths.tolist()
+    bins = plan_packing(lengths, max_length, seed)
+    padding = 1.0 - sum(lengths) / max(1, len(bins) * max_length)
+    log.info("packed %d examples into %d rows of %d tokens; padding fraction %.4f", len(examples), len(bins),
+             max_length, padding)  # fmt: skip
+    return TokenizedData(PackedRows(examples, bins, max_length, pad_id), True, from_cache, overlong, padding)
+
+
+def collate(examples: list[dict], pad_id: int, layout: str, bucket: int = 1) -> dict[str, torch.Tensor | int]:
+    """A micro-batch in one of three layouts:
+    - `padded`: right-padded rows with an attention mask;
+    - `packed`: packed rows with per-example position ids and no mask (SDPA/eager build a per-example mask);
+    - `flat`: every example's real tokens in one row (a packed row's padding tail dropped), position ids restarting
+      per example, and the cumulative lengths that flash kernels take (`cu_seq_lens_q/k`, `max_length_q/k`, as
+      `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` emits). transformers hands flash kernels a batch of
+      several rows as plain causal rows, attending across packed examples: only one flattened row is safe.
+    `bucket` rounds padded widths and the flat path's max_length up to a multiple (stable shapes for torch.compile;
+    max_length is only an upper bound for flash kernels).
+    """
+    if layout == "flat":
+        return collate_flat(examples, bucket)
+    if layout == "packed":
+        return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels", "position_ids")}
+    width = round_up(max(len(e["input_ids"]) for e in examples), bucket)
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_id),
+        "labels": torch.full((len(examples), width), IGNORE_INDEX),
+        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+    }
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])
+        batch["labels"][row, :n] = torch.tensor(e["labels"])
+        batch["attention_mask"][row, :n] = 1
+    return batch
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def collate_flat(examples: list[dict], bucket: int = 1) -> dict[str, torch.Tensor | int]:
+    ids, labels, lengths = [], [], []
+    for e in examples:
+        segments = e.get("lengths") or [len(e["input_ids"])]
+        real = sum(segments)
+        ids += e["input_ids"][:real]
+        labels += e["labels"][:real]
+        lengths += segments
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    labels_t = torch.tensor(labels)
+    # An example's first token is never predicted from the previous example's last one.
+    labels_t[starts[:-1]] = IGNORE_INDEX
+    cu_seq_lens = starts.to(torch.int32)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": labels_t[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": round_up(max(lengths), bucket),
+        "max_length_k": round_up(max(lengths), bucket),
+    }
+
+
+def batch_layout(packed: bool, attn_implementation: str) -> str:
+    if takes_flat_batches(attn_implementation):
+        return "flat"
+    return "packed" if packed else "padded"
