@@ -10,20 +10,42 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
-# gpu-check runs on a bare GPU machine with no network whose Python already has torch >= 2.10 and transformers 5: the
-# rest comes from wheels in .whl/ that `make gpu-wheels` downloads beforehand (CPython 3.12, manylinux x86_64).
-GPU_PYTHON ?= python3
-GPU_SITE ?= /tmp/shardtune-site
-GPU_OUT ?= gpu-check
-GPU_WHEELS := datasets dill multiprocess draccus mergedeep toml typing-inspect mypy-extensions
+# Recipes run in bash with pipefail: a pip install whose noise is filtered still fails the target when pip fails.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data bench-train gpu-check gpu-wheels clean
+# ---- GPU checks (README "On a GPU") ----
+# gpu-check runs on a bare GPU machine with no network, whose image is tests/gpu/image.txt (torch, transformers, no
+# draccus, a pytest of unknown version): the rest comes from the wheels in .whl/ that `make gpu-wheels` downloads
+# beforehand (its list is the import closure that tests/gpu/preflight.py resolves). Results go to $OUT when the
+# device tool sets it (only $OUT comes back), else to gpu-check/.
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_SITE ?= /tmp/shardtune-site
+GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check)
+GPU_ENV = PYTHONPATH=$(GPU_SITE):$(CURDIR) GPU_SITE=$(GPU_SITE) GPU_OUT=$(abspath $(GPU_OUT)) HF_HUB_OFFLINE=1
+GPU_WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any
+# The one way .whl/ is installed, by gpu-check and the rehearsal alike: into GPU_SITE, first on PYTHONPATH.
+GPU_INSTALL = mkdir -p $(GPU_OUT) && if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PYTHON) -m pip install -q \
+    --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl 2>&1 | $(QUIET_PIP); fi && \
+    $(GPU_ENV) $(GPU_PYTHON) tests/gpu/preflight.py check > $(GPU_OUT)/versions.txt; status=$$?; \
+    cat $(GPU_OUT)/versions.txt; exit $$status
+# The rehearsal: the image's stack in a Python 3.12 venv on this CPU machine.
+REHEARSAL_PYTHON ?= python3.12
+REHEARSAL_VENV ?= .venv-gpu-image
+REHEARSAL_SITE ?= $(CURDIR)/.cache/gpu-rehearsal-site
+REHEARSAL_OUT ?= .cache/gpu-rehearsal
+
+.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data bench-train gpu-check \
+    gpu-check-tests gpu-check-bench gpu-wheels gpu-rehearsal gpu-rehearsal-steps clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/pip install -q "$(TORCH)" 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q "$(TORCH)" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[test]" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import torch, transformers, draccus, datasets, wandb; print('installed torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
@@ -63,22 +85,42 @@ bench-load: install  ## load memory three ways (every rank, rank 0 + second mode
 bench-data: install  ## data preparation, old path vs Arrow batches, 2 ranks, 100k and 1M alpaca rows
 	$(BIN)/python tests/bench/bench_data.py
 
-gpu-wheels: install  ## download what gpu-check needs beyond torch + transformers into .whl/ (needs network)
-	mkdir -p .whl
-	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	    --platform any -d .whl \
-	    $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
-	@ls .whl
+gpu-wheels: install  ## download what gpu-check needs beyond the GPU image into .whl/ (needs network; CPython 3.12 wheels)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python tests/gpu/preflight.py wheels > .whl/requirements.txt
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	    --implementation cp $(GPU_WHEEL_PLATFORMS) -d .whl -r .whl/requirements.txt 2>&1 | $(QUIET_PIP)
+	@echo "gpu-wheels: $$(ls .whl/*.whl | wc -l) wheels, $$(du -sh .whl | cut -f1), in .whl/ (carry it to the GPU machine)"
 
-gpu-check:  ## on one H100/H200: GPU tests (pytest -m gpu) and the 1.1B throughput table; refuses without CUDA
-	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || \
-	    { echo "gpu-check: needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)" >&2; exit 2; }
-	@if ls .whl/*.whl >/dev/null 2>&1; then \
-	    $(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
-	mkdir -p $(GPU_OUT)
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) -m pytest -q -ra -m gpu -p no:cacheprovider tests/gpu
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) tests/bench/gpu_throughput.py --out $(GPU_OUT)/throughput.json
+gpu-check-tests:  ## on one GPU (~3 min): the GPU tests, each outcome in GPU_OUT/tests.jsonl as it finishes
+	@$(GPU_PYTHON) tests/gpu/preflight.py cuda
+	@$(GPU_INSTALL)
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -ra -m gpu -p no:cacheprovider --junitxml=$(GPU_OUT)/tests.xml tests/gpu
+
+gpu-check-bench:  ## on one GPU (~5 min): throughput, one JSON line per finished variant in GPU_OUT/throughput.jsonl
+	@$(GPU_PYTHON) tests/gpu/preflight.py cuda
+	@$(GPU_INSTALL)
+	$(GPU_ENV) $(GPU_PYTHON) tests/bench/gpu_throughput.py --out $(GPU_OUT)/throughput.jsonl --budget-s 270
+
+gpu-check: gpu-check-tests gpu-check-bench  ## both, one after the other (the device tool runs them as two commands)
+
+$(REHEARSAL_VENV)/.installed: tests/gpu/image.txt
+	rm -rf $(REHEARSAL_VENV)
+	$(REHEARSAL_PYTHON) -m venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(REHEARSAL_VENV)/bin/pip install -q -r tests/gpu/image.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+gpu-rehearsal: $(REHEARSAL_VENV)/.installed gpu-wheels  ## gpu-check's CPU parts on the GPU image's stack (tests/gpu/image.txt)
+	rm -rf $(REHEARSAL_SITE) $(REHEARSAL_OUT)
+	@start=$$(date +%s); $(MAKE) --no-print-directory gpu-rehearsal-steps GPU_SITE=$(REHEARSAL_SITE) \
+	    GPU_PYTHON=$(CURDIR)/$(REHEARSAL_VENV)/bin/python GPU_OUT=$(REHEARSAL_OUT) && \
+	    echo "gpu-rehearsal: passed in $$(( $$(date +%s) - start )) s (the image's stack, .whl/ installed as gpu-check does)"
+
+gpu-rehearsal-steps:  # internal: what gpu-check runs that needs no CUDA, under GPU_PYTHON and GPU_SITE
+	@$(GPU_INSTALL)
+	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -ra -m "not gpu" -p no:cacheprovider tests
+	$(GPU_ENV) $(GPU_PYTHON) tests/bench/gpu_throughput.py --cpu-smoke --out $(GPU_OUT)/throughput.jsonl
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(REHEARSAL_VENV) runs .pytest_cache

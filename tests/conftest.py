@@ -77,7 +77,10 @@ def launch_target(script: str | None, module: str) -> list[str]:
 
 
 def launch_env(env: dict | None = None) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    """The environment of a launched process: the repository first on PYTHONPATH, before what the caller had there
+    (the GPU image's wheels, gpu-check's site directory)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
 
 
 def ranks_start_method() -> str:

@@ -3,6 +3,7 @@ export, a --help people can use, accelerate's traps, and an unreachable Hub refu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -125,11 +126,12 @@ def test_a_run_writes_curves_summary_record_and_progress_lines_and_no_secret(tmp
     from PIL import Image
 
     out, secret = tmp_path / "run", "hf_SECRETtoken1234567890"
+    wandb = importlib.util.find_spec("wandb") is not None  # the GPU image (make gpu-rehearsal) has no wandb
     args = [*FP32_SMALL, "--train.max_steps", "6", "--train.eval_every", "3", "--train.log_every_s", "0",
-            "--train.log_every_steps", "2", "--run.trackers", "[jsonl,wandb]",
+            "--train.log_every_steps", "2", "--run.trackers", "[jsonl,wandb]" if wandb else "[jsonl]",
             "--run.output_dir", str(out)]  # fmt: skip
     result = ok(run_cli(args, nproc=0, env={"HF_TOKEN": secret, "WANDB_MODE": "offline"}))
-    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    assert not wandb or list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
     assert secret not in result.stdout + result.stderr
     for path in out.rglob("*"):
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path

@@ -27,9 +27,18 @@ from launch.trainer import Trainer
 # A LLaMA-2-shaped ~1.1B model (TinyLlama's shape with LLaMA-2's vocabulary + <PAD>, padded to 64).
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)  # fmt: skip
-# Small enough for a CPU smoke of the harness itself.
+# Llama-3.2-1B's published config: grouped-query heads, a 128k vocabulary, llama3 RoPE scaling, tied embeddings.
+LLAMA32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                  rope_theta=500000.0, tie_word_embeddings=True,
+                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192})  # fmt: skip
+# Small enough for a CPU smoke of the harness itself; the second one tied, as Llama-3.2 is.
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)  # fmt: skip
+SHAPES = {"llama2-1.1b": LLAMA_1B, "llama3.2-1b": LLAMA32_1B, "tiny": TINY_SHAPE,
+          "tiny-llama3": {**TINY_SHAPE, "num_key_value_heads": 1, "tie_word_embeddings": True,
+                          "rope_scaling": LLAMA32_1B["rope_scaling"], "rope_theta": 500000.0}}  # fmt: skip
 
 
 @dataclass
