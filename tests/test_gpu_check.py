@@ -78,9 +78,11 @@ def test_gpu_wheels_are_the_import_closure_beyond_the_image():
 
 
 def test_preflight_names_a_missing_or_too_old_package_in_one_line(monkeypatch, capsys):
-    missing = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['draccus'] = None; "
-                              "sys.argv = ['preflight.py', 'check']; runpy.run_path('tests/gpu/preflight.py', "
-                              "run_name='__main__')"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    code = (
+        "import sys, runpy; sys.modules['draccus'] = None; sys.argv = ['preflight.py', 'check']; "
+        "runpy.run_path('tests/gpu/preflight.py', run_name='__main__')"
+    )
+    missing = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
     assert missing.stderr.startswith("gpu-check: cannot import draccus") and "make gpu-wheels" in missing.stderr
