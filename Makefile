@@ -32,8 +32,9 @@ GPU_INSTALL = mkdir -p $(GPU_OUT) && if ls .whl/*.whl >/dev/null 2>&1; then $(GP
     --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl 2>&1 | $(QUIET_PIP); fi && \
     $(GPU_ENV) $(GPU_PYTHON) tests/gpu/preflight.py check > $(GPU_OUT)/versions.txt; status=$$?; \
     cat $(GPU_OUT)/versions.txt; exit $$status
-# The rehearsal: the image's stack in a Python 3.12 venv on this CPU machine.
-REHEARSAL_PYTHON ?= python3.12
+# The rehearsal: the image's stack in a Python 3.12 venv on this CPU machine (pyenv's 3.12 when it is not on PATH).
+REHEARSAL_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+    $(shell $(p) -c 'import sys; print("$(p)" if sys.version_info[:2] == (3, 12) else "")' 2>/dev/null)))
 REHEARSAL_VENV ?= .venv-gpu-image
 REHEARSAL_SITE ?= $(CURDIR)/.cache/gpu-rehearsal-site
 REHEARSAL_OUT ?= .cache/gpu-rehearsal
@@ -105,6 +106,8 @@ gpu-check-bench:  ## on one GPU (~5 min): throughput, one JSON line per finished
 gpu-check: gpu-check-tests gpu-check-bench  ## both, one after the other (the device tool runs them as two commands)
 
 $(REHEARSAL_VENV)/.installed: tests/gpu/image.txt
+	@test -n "$(REHEARSAL_PYTHON)" || { echo "gpu-rehearsal: needs a Python 3.12 (the GPU image's); set \
+	    REHEARSAL_PYTHON=/path/to/python3.12" >&2; exit 2; }
 	rm -rf $(REHEARSAL_VENV)
 	$(REHEARSAL_PYTHON) -m venv $(REHEARSAL_VENV)
 	$(REHEARSAL_VENV)/bin/pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)

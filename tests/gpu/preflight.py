@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY = ["launch.train", "launch.export", "launch.plan", "launch.plot", "tests/conftest.py", "tests/gpu/conftest.py",
-         "tests/gpu/test_gpu.py", "tests/bench/harness.py", "tests/bench/gpu_throughput.py",
-         "tests/scripts/train_and_inspect.py", "pytest"]  # fmt: skip
+ENTRY = ["launch.train", "launch.export", "launch.plan", "launch.plot", "tests/conftest.py", "tests/gpu/test_gpu.py",
+         "tests/bench/harness.py", "tests/bench/gpu_throughput.py", "tests/scripts/train_and_inspect.py",
+         "pytest"]  # fmt: skip
 # Imported inside functions on gpu-check's paths: DCP's filesystem writer, and (OPTIONAL: without it loss.png is not
 # drawn, with a warning) the loss plot.
 LAZY = ["torch.distributed.checkpoint"]
@@ -120,11 +120,12 @@ def load_entry() -> ImportGraph:
 
 
 def own_modules() -> set[str]:
-    """Top-level modules loaded from the repository itself (not from an environment under it)."""
+    """Top-level modules loaded from the repository's own code (not from an environment or a site directory that
+    happens to lie under it, such as the rehearsal's)."""
+    own_dirs = tuple(str(ROOT / d) + os.sep for d in ("launch", "backbones", "fsdp", "tests"))
     own = set()
     for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None) or ""
-        if file.startswith(str(ROOT)) and "site-packages" not in file:
+        if (getattr(module, "__file__", None) or "").startswith(own_dirs):
             own.add(name.split(".")[0])
     return own
 

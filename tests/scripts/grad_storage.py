@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from fsdp_internals import param_groups
 from torch.distributed.fsdp import FSDPModule
 
 import launch.trainer
@@ -24,7 +25,7 @@ def gradient_bytes(model) -> int:
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        for group in module._get_fsdp_state()._fsdp_param_groups:
+        for group in param_groups(module):
             for param in group.fsdp_params:
                 if param.sharded_param.grad is not None:
                     total += param.sharded_param.grad.to_local().nbytes

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fsdp_internals import param_groups
 from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -22,9 +23,7 @@ from launch.train import fit_and_export, prepare
 
 
 def fsdp_settings(model) -> dict:
-    groups = [
-        group for m in model.modules() if isinstance(m, FSDPModule) for group in m._get_fsdp_state()._fsdp_param_groups
-    ]
+    groups = [group for m in model.modules() if isinstance(m, FSDPModule) for group in param_groups(m)]
     blocks = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     return {
         "offload_to_cpu": sorted({p.offload_to_cpu for g in groups for p in g.fsdp_params}),
