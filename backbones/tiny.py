@@ -12,13 +12,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from backbones.tiny_corpus import corpus_lines
 
 # Bump when the recipe below changes, so stale caches are never reused.
-TINY_VERSION = "v1"
+# v2: the tokenizer's pipeline is sentencepiece's (a dummy-prefix space before every text), as LLaMA-2's tokenizer.json
+TINY_VERSION = "v2"
 TINY_VOCAB = 1024
 TINY_CONFIG = dict(
     hidden_size=128,
@@ -41,7 +42,9 @@ def cache_root() -> Path:
 
 
 def build_tiny_tokenizer() -> LlamaTokenizer:
-    """BPE with byte fallback and sentencepiece-style `▁` word boundaries, like LLaMA-2's own tokenizer."""
+    """BPE with byte fallback and sentencepiece's `▁` word boundaries, like LLaMA-2's own tokenizer: trained on
+    words split at `▁`, then given LLaMA-2's tokenizer.json pipeline (a `▁` prepended to every text, spaces as `▁`,
+    no pre-tokenizer: no merge crosses a word boundary, so the encodings are the same words' encodings)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Sequence(
@@ -52,6 +55,8 @@ def build_tiny_tokenizer() -> LlamaTokenizer:
         vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
     )
     tok.train_from_iterator(corpus_lines(), trainer)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
     return LlamaTokenizer(
         tokenizer_object=tok,
         bos_token="<s>",

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from backbones import HFCausalLLMBackbone, build_backbone
+from backbones.base import save_chat_tokenizer
 from backbones.lora import LoraSettings
 from backbones.weights import WeightsError
 from fsdp import (
@@ -344,7 +345,6 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
     generation config and tokenizer (with its pad token)."""
     hf_config = copy.deepcopy(backbone.llm.config)
     tokenizer = copy.deepcopy(backbone.tokenizer)
-    tokenizer.chat_template = backbone.prompt_builder_fn.chat_template  # the family's format, for apply_chat_template
     hf_config.use_cache = True
     hf_config.dtype = "bfloat16" if config.export.dtype == "bf16" else "float32"
     generation_config = copy.deepcopy(backbone.llm.generation_config)
@@ -353,7 +353,7 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
     def save_extras(directory: Path) -> None:
         hf_config.save_pretrained(directory)
         generation_config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_chat_tokenizer(tokenizer, backbone.prompt_builder_fn, directory)  # the family's format, token-exact
 
     return save_extras
 

@@ -38,7 +38,8 @@ def test_prompt_builder_reproduces_the_exact_format(name, n, system):
     prompt = BUILDERS[name]("x").build(TURNS[:n], system=system)
     assert prompt.text == expected(name, n, system)
     eos_sep = " " if name == "llama2-chat" else ""
-    assert prompt.answers() == [f"{a}{eos_sep}</s>" for _, a in TURNS[:n]]
+    # an answer's span opens at the space before it: a generation prompt ends where the answer's first token begins
+    assert prompt.answers() == [f" {a}{eos_sep}</s>" for _, a in TURNS[:n]]
 
 
 def test_llama2_chat_system_block_uses_metas_two_angle_brackets():

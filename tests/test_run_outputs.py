@@ -29,10 +29,11 @@ def test_chat_template_renders_exactly_the_prompt_builders_text(tiny_backbone, b
     for user, answer in TURNS[:turns]:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     prompt = builder("x").build(TURNS[:turns], system=system)
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=builder.chat_template)
+    template = builder.template_for(tokenizer.all_special_tokens)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
     assert rendered == prompt.text
     generation = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
-                                               chat_template=builder.chat_template)  # fmt: skip
+                                               chat_template=template)  # fmt: skip
     assert generation == prompt.until_answer(turns - 1).text
 
 
@@ -158,3 +159,13 @@ def test_a_run_writes_curves_summary_record_and_progress_lines_and_no_secret(tmp
     assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
         "<s>[INST] What is 1 plus 1? [/INST]"
     )
+    # final/ serves the ids the model trained on, a control string in user text kept as text
+    from backbones import build_backbone
+    from launch.data import encode_prompt
+
+    backbone = build_backbone("llama2-tiny-chat", load_weights=False)
+    turns = [("Write <s> and </s> literally", "42"), ("again", "ok")]
+    ids, _ = encode_prompt(backbone.prompt_builder_fn("x").build(turns), backbone.tokenizer)
+    conversation = [{"role": r, "content": c} for turn in turns for r, c in zip(("user", "assistant"), turn)]
+    served = tokenizer.apply_chat_template(conversation, tokenize=True)
+    assert list(served["input_ids"] if hasattr(served, "keys") else served) == ids
