@@ -45,12 +45,20 @@ class BackboneSpec:
     prompt_builder: type[PromptBuilder]
     llm_max_length: int  # the context the model was trained at; --data.max_length may not exceed it
     config: dict = field(default_factory=dict)  # published config.json shape values (offline meta builds, plans)
-    # Built by shardtune itself (no network): `backbones.tiny.ensure_tiny_model` gives its local directory.
-    local_build: bool = False
+    # Built by shardtune itself (no network): a function that gives its local directory (backbones.tiny).
+    local_build: Callable[[], Path] | None = None
+    # Tokens the family adds to the tokenizer, each a new embedding row (LLaMA-2's <PAD>); the planner counts them.
+    added_tokens: int = 0
 
 
 class LLMBackbone(nn.Module, ABC):
-    """What a language-model family must tell the launcher."""
+    """What a language-model family must tell the launcher: the class attributes and `last_layer_modules` below are
+    read from the class alone, so the planner can use them for a model it builds on `meta` from published shapes."""
+
+    transformer_layer_cls: type[nn.Module]  # the decoder block: FSDP2's unit and activation checkpointing's
+    half_precision_dtype: torch.dtype = torch.bfloat16
+    linear_layer_names: tuple[str, ...] = ()  # the linear layers of a decoder block, by name: LoRA's default targets
+    end_of_turn_token: str | None = None  # what ends an answer when it is not the tokenizer's EOS (`<|eot_id|>`)
 
     def __init__(self, identifier: str) -> None:
         super().__init__()
@@ -62,22 +70,18 @@ class LLMBackbone(nn.Module, ABC):
     @abstractmethod
     def prompt_builder_fn(self) -> Callable[[str], PromptBuilder]: ...
 
-    @property
+    @classmethod
     @abstractmethod
-    def transformer_layer_cls(self) -> type[nn.Module]: ...
+    def last_layer_modules(cls, llm: PreTrainedModel) -> Sequence[nn.Module]:
+        """What the last-layer stage trains in `llm`; with tied embeddings the head is the embedding, trained once."""
 
     @property
-    @abstractmethod
-    def half_precision_dtype(self) -> torch.dtype: ...
+    def last_layer_finetune_modules(self) -> Sequence[nn.Module]:
+        return self.last_layer_modules(self.llm)
 
     @property
-    @abstractmethod
-    def last_layer_finetune_modules(self) -> Sequence[nn.Module]: ...
-
-    @property
-    def linear_layer_names(self) -> tuple[str, ...]:
-        """The linear layers of a decoder block, by module name: LoRA's default targets."""
-        raise NotImplementedError
+    def tied_embeddings(self) -> bool:
+        return self.llm.get_output_embeddings().weight is self.llm.get_input_embeddings().weight
 
     @property
     def embed_dim(self) -> int:
@@ -201,6 +205,7 @@ class HFCausalLLMBackbone(LLMBackbone):
             self.llm.train()
         if load_weights:  # one process, no sharding: allocate here and read the weights in
             self.llm.to_empty(device="cpu")
+            self.llm.tie_weights()  # to_empty gives each module its own new tensor, a tied head included
             self.init_non_persistent_buffers()
             weights = self.pretrained_weights()
             with torch.no_grad():

@@ -5,36 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from backbones.base import BackboneSpec, HFCausalLLMBackbone
 from backbones.prompting import LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
-from backbones.tiny import TINY_CONFIG
+from backbones.tiny import TINY_CONFIG, ensure_tiny_model
 
 
 class LLaMa2LLMBackbone(HFCausalLLMBackbone):
+    transformer_layer_cls = LlamaDecoderLayer
+    linear_layer_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def extend_tokenizer(self) -> None:
         # LLaMA-2 ships without a pad token; a dedicated one keeps padding distinct from EOS (which is supervised).
         if self.tokenizer.pad_token is None:
             self.tokenizer.add_special_tokens({"pad_token": "<PAD>"})
 
-    @property
-    def transformer_layer_cls(self) -> type[nn.Module]:
-        return LlamaDecoderLayer
-
-    @property
-    def half_precision_dtype(self) -> torch.dtype:
-        return torch.bfloat16
-
-    @property
-    def linear_layer_names(self) -> tuple[str, ...]:
-        return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    @property
-    def last_layer_finetune_modules(self) -> Sequence[nn.Module]:
-        return (self.llm.model.embed_tokens, self.llm.model.layers[-1], self.llm.lm_head)
+    @classmethod
+    def last_layer_modules(cls, llm) -> Sequence[nn.Module]:
+        return (llm.model.embed_tokens, llm.model.layers[-1], llm.lm_head)
 
 
 # The published config.json values (Hub, 2023): enough to build each model on `meta` and plan it with no network.
@@ -62,7 +52,15 @@ TINY = {**TINY_CONFIG, "vocab_size": 1024}
 
 
 def _row(hub_path: str, builder, shape: dict, context: int = 4096, local: bool = False) -> BackboneSpec:
-    return BackboneSpec(LLaMa2LLMBackbone, hub_path, builder, context, shape, local_build=local)
+    return BackboneSpec(
+        LLaMa2LLMBackbone,
+        hub_path,
+        builder,
+        context,
+        {"model_type": "llama", **shape},
+        local_build=ensure_tiny_model if local else None,
+        added_tokens=1,
+    )  # + <PAD>
 
 
 # One row per id (as prismatic's LLAMA2_MODELS): the row is the registration. LLaMA-2 and Vicuna v1.5 were trained at

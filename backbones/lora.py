@@ -28,6 +28,9 @@ class LoraSettings:
     dropout: float
     target_modules: tuple[str, ...]
     train_embeddings: bool
+    # The model's head is its embedding: peft's trainable copies of both are tied too (ensure_weight_tying), so that
+    # train_embeddings trains one matrix, as the base has one.
+    tied_embeddings: bool = False
 
     @property
     def scale(self) -> float:
@@ -41,9 +44,11 @@ class LoraSettings:
     def peft_config(self):
         from peft import LoraConfig
 
+        tie = {"ensure_weight_tying": True} if self.tied_embeddings and self.train_embeddings else {}
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None)  # fmt: skip
+                          modules_to_save=["embed_tokens", "lm_head"] if self.train_embeddings else None,
+                          **tie)  # fmt: skip
 
 
 def apply_lora(llm: nn.Module, settings: LoraSettings):

@@ -1,7 +1,8 @@
 """Prompt builders: turn a multi-turn conversation into exactly what a model family was trained on.
 
 A prompt is a list of chunks: text, tokenized on its own the way the family's reference tokenizes it (sentencepiece,
-with its dummy-prefix space), and BOS/EOS markers that become the special token ids. Text from data is never parsed
+with its dummy-prefix space), and special-token markers that become their ids: BOS/EOS (the tokenizer's own) or a
+special token by name (`<|eot_id|>`). Text from data is never parsed
 for special tokens: a user who writes `</s>` gets the characters, not EOS. Each chunk says which of its characters
 are supervised (assistant answers and the EOS after them); nothing else is.
 """
@@ -16,13 +17,13 @@ VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-BOS, EOS = "<s>", "</s>"  # how the special tokens read in the prompt's text form
+BOS, EOS = "<s>", "</s>"  # the tokenizer's BOS/EOS (and how they read in the prompt's text form)
 
 
 @dataclass
 class Chunk:
     text: str = ""  # plain text (empty for a special token)
-    special: str | None = None  # BOS or EOS: a token id, not text
+    special: str | None = None  # BOS, EOS or a special token's name: a token id, not text
     spans: list[tuple[int, int]] = field(default_factory=list)  # supervised [start, end) characters of `text`
     supervised: bool = False  # for a special token
 
@@ -158,7 +159,7 @@ class PurePromptBuilder(PromptBuilder):
     answer's span starts at the space after `Out:`: a generation prompt ends at `Out:`."""
 
     chat_template = _SYSTEM + (
-        "{{- bos_token -}}{%- if system is not none -%}{{- esc(system) + '\n' -}}{%- endif -%}"
+        "{{- bos_token or '' -}}{%- if system is not none -%}{{- esc(system) + '\n' -}}{%- endif -%}"
         "{%- for message in turns -%}"
         "{%- if message['role'] == 'user' -%}{{- 'In: ' + esc(message['content']) + '\nOut:' -}}"
         "{%- else -%}{{- ' ' + esc(message['content']) + eos_token -}}{%- endif -%}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from backbones.base import BackboneSpec, HFCausalLLMBackbone
 from backbones.llama2 import LLAMA2_MODELS
+from backbones.llama3 import LLAMA3_MODELS
 from backbones.prompting import PromptBuilder
+from backbones.qwen3 import QWEN3_MODELS
 
-BACKBONES: dict[str, BackboneSpec] = {**LLAMA2_MODELS}
+BACKBONES: dict[str, BackboneSpec] = {**LLAMA2_MODELS, **LLAMA3_MODELS, **QWEN3_MODELS}
 
 
 def get_backbone_spec(backbone_id: str) -> BackboneSpec:
@@ -33,10 +35,8 @@ def build_backbone(
 ) -> HFCausalLLMBackbone:
     """Instantiate a registered backbone from its Hub path, or from `path` (a local directory) when given."""
     spec = get_backbone_spec(backbone_id)
-    if path is None and spec.local_build:
-        from backbones.tiny import ensure_tiny_model
-
-        path = str(ensure_tiny_model())
+    if path is None and spec.local_build is not None:
+        path = str(spec.local_build())
     return spec.cls(
         backbone_id,
         spec,

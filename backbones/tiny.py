@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,16 +81,17 @@ def save_tiny(out_dir: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_tiny_model(root: Path | None = None) -> Path:
-    """The tiny model's directory, built on first use. Written under a temporary name and renamed, so concurrent
-    builders (several ranks) and interrupted builds never leave a half-written directory."""
-    target = (root or cache_root()) / f"llama2-tiny-{TINY_VERSION}"
+def ensure_built(name: str, save: Callable[[Path], None], root: Path | None = None) -> Path:
+    """A model directory that shardtune builds itself (`save(directory)` writes it), built on first use into the
+    cache. Written under a temporary name and renamed, so concurrent builders (several ranks) and interrupted builds
+    never leave a half-written directory."""
+    target = (root or cache_root()) / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
     try:
-        save_tiny(tmp)
+        save(tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():
@@ -97,6 +99,11 @@ def ensure_tiny_model(root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """The tiny LLaMA-2's directory."""
+    return ensure_built(f"llama2-tiny-{TINY_VERSION}", save_tiny, root)
 
 
 if __name__ == "__main__":

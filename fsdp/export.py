@@ -25,12 +25,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def model_tensor_sources(model: nn.Module) -> list[TensorSource]:
-    """Persistent tensors of a (possibly FSDP2-sharded) model; every rank must fetch them in the same order."""
+    """Persistent tensors of a (possibly FSDP2-sharded) model; every rank must fetch them in the same order. A tied
+    parameter appears once, under its first name (`model.embed_tokens.weight`): a tied Hugging Face checkpoint has
+    no `lm_head.weight`, and `from_pretrained` ties it back."""
+    from fsdp.materialize import shared_parameters
+
+    aliases = {name for group in shared_parameters(model) for name in group[1:]}
 
     def fetch(t: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: t.full_tensor() if isinstance(t, DTensor) else t
 
-    return [(name, tensor.shape, fetch(tensor)) for name, tensor in model.state_dict().items()]
+    return [(name, tensor.shape, fetch(tensor)) for name, tensor in model.state_dict().items() if name not in aliases]
 
 
 def plan_shards(sources: list[TensorSource], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorSource]]:

@@ -90,6 +90,8 @@ def export_model(sources: list[TensorSource], out_dir: Path, dtype: str, max_sha
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str | None, max_shard_mb: int) -> str:
     """Returns the dtype written (the run's own unless given)."""
     sources = checkpoint_tensor_sources(checkpoint)  # refuses incomplete, unreadable or damaged checkpoints
+    if json.loads((checkpoint / "hf" / "config.json").read_text()).get("tie_word_embeddings"):
+        sources = [s for s in sources if s[0] != "lm_head.weight"]  # tied: from_pretrained ties it to the embedding
     dtype = dtype or run_dtype(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     lora = LoraSettings(**{**meta["lora_settings"], "target_modules": tuple(meta["lora_settings"]["target_modules"])}

@@ -50,36 +50,41 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int
+    head_dim: int = 0  # 0: hidden / heads (Qwen3's is wider: 128 at hidden 1024 with 16 heads)
 
     @property
     def kv_width(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
 
 
 def build_planned_model(config, lora):
-    """The recipe's model on `meta` (the registry's published shape, the vocabulary grown for <PAD>), stage applied."""
+    """The recipe's model on `meta` from the registry's published shape (the vocabulary grown for the tokens the family
+    adds, e.g. LLaMA-2's <PAD>), through the family's own model class, stage applied as the family says."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from backbones.base import padded_vocab_size
     from backbones.registry import get_backbone_spec
 
     spec = get_backbone_spec(config.model.backbone)
     shape = dict(spec.config)
-    shape["vocab_size"] = padded_vocab_size(shape["vocab_size"] + 1, shape["vocab_size"], 64)  # + <PAD>
+    model_type = shape.pop("model_type")
+    if spec.added_tokens:
+        shape["vocab_size"] = padded_vocab_size(shape["vocab_size"] + spec.added_tokens, shape["vocab_size"], 64)
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape), attn_implementation="sdpa")
     stage = config.train.stage
     model.requires_grad_(stage == "full")
     if stage == "last-layer":
-        for module in (model.model.embed_tokens, model.model.layers[-1], model.lm_head):
+        for module in spec.cls.last_layer_modules(model):
             module.requires_grad_(True)
     elif stage == "lora":
         from backbones.lora import apply_lora
 
         apply_lora(model, lora)
     return model, Shape(shape["num_hidden_layers"], shape["hidden_size"], shape["intermediate_size"],
-                        shape["num_attention_heads"], shape["num_key_value_heads"], shape["vocab_size"])  # fmt: skip
+                        shape["num_attention_heads"], shape["num_key_value_heads"], shape["vocab_size"],
+                        shape.get("head_dim") or 0)  # fmt: skip
 
 
 def shard_ways(sharding: str, gpus_per_node: int, nodes: int) -> int:
@@ -98,32 +103,6 @@ def sharded_bytes(model, ways: int) -> dict[str, int]:
         params += 4 * local
         grads += 4 * local if p.requires_grad else 0
     return {"params": params, "grads": grads, "adam": 2 * grads}
-
-
-def dtensor_bytes(model, sharding: str, gpus_per_node: int, nodes: int) -> dict[str, int]:
-    """The same bytes read from the DTensors of a real FSDP2 shard over a fake process group of the planned size."""
-    import torch
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from fsdp import apply_parallelism
-    from fsdp.dist import DistEnv, build_mesh
-
-    world = gpus_per_node * nodes
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
-        env = DistEnv(0, world, 0, gpus_per_node, torch.device("cpu"), "fake")
-        apply_parallelism(model, LlamaDecoderLayer, build_mesh(env, sharding), param_dtype=torch.bfloat16,
-                          reshard_after_forward=sharding not in ("grad-op", "none"))  # fmt: skip
-        local = {name: p.to_local() for name, p in model.named_parameters()}
-        params = sum(4 * t.numel() for t in local.values())
-        grads = sum(4 * t.numel() for name, t in local.items() if dict(model.named_parameters())[name].requires_grad)
-        return {"params": params, "grads": grads, "adam": 2 * grads}
-    finally:
-        dist.destroy_process_group()
 
 
 def activation_bytes(shape: Shape, tokens_per_row: int, rows: int, checkpointing: str, attn: str) -> float:
@@ -175,6 +154,8 @@ def plan(argv: list[str]) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the plan here")
     parser.add_argument("--no-dtensor-check", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    from backbones.registry import get_backbone_spec
+    from fsdp.plan_check import dtensor_bytes
     from launch.config import parse_config
     from launch.flops import build_flop_counter
     from launch.stage import lora_settings
@@ -185,13 +166,15 @@ def plan(argv: list[str]) -> dict:
     gpus, world = args.gpus_per_node, args.gpus_per_node * args.nodes
     validate_config(config, world, check_paths=False)  # the data and run directories are the cluster's
     device_gib, peak_tflops = GPUS[args.gpu]
-    lora = lora_settings(config, _Linears())
+    spec = get_backbone_spec(config.model.backbone)
+    lora = lora_settings(config, spec.cls.linear_layer_names, bool(spec.config.get("tie_word_embeddings")))
     model, shape = build_planned_model(config, lora)
     flops = build_flop_counter(model)
     fsdp, train, data = config.fsdp, config.train, config.data
     ways = shard_ways(fsdp.sharding, gpus, args.nodes)
     state = sharded_bytes(model, ways)
-    check = None if args.no_dtensor_check else dtensor_bytes(model, fsdp.sharding, gpus, args.nodes)
+    check = None if args.no_dtensor_check else dtensor_bytes(model, spec.cls.transformer_layer_cls, fsdp.sharding,
+                                                             gpus, args.nodes)  # fmt: skip
     accumulation = train.global_batch_size // (world * train.micro_batch_size)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -254,12 +237,6 @@ def plan(argv: list[str]) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-class _Linears:
-    """What lora_settings needs of a backbone, for every LLaMA-2 id (no tokenizer, no files)."""
-
-    linear_layer_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def first_knob(config, memory: dict) -> str:

@@ -14,14 +14,14 @@ log = logging.getLogger(__name__)
 STAGES = ("full", "last-layer", "lora")
 
 
-def lora_settings(config: Config, backbone: LLMBackbone) -> LoraSettings | None:
+def lora_settings(config: Config, linear_layer_names: tuple[str, ...], tied_embeddings: bool) -> LoraSettings | None:
     """The LoRA settings of a run (None for the other stages); no target modules means every linear layer of the
     backbone's decoder blocks, as OpenVLA's fine-tuning does."""
     if config.train.stage != "lora":
         return None
     lora = config.lora
-    targets = tuple(lora.target_modules) or backbone.linear_layer_names
-    return LoraSettings(lora.rank, lora.alpha, lora.dropout, targets, lora.train_embeddings)
+    targets = tuple(lora.target_modules) or linear_layer_names
+    return LoraSettings(lora.rank, lora.alpha, lora.dropout, targets, lora.train_embeddings, tied_embeddings)
 
 
 def lora_target_problems(backbone: LLMBackbone, settings: LoraSettings | None) -> list[str]:

@@ -120,7 +120,7 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
         model.backbone, path=model.path, hf_token_file=model.hf_token_file, attn_implementation=attn, load_weights=False
     )
     backbone.check_weights()  # a local directory's safetensors headers: truncated or malformed files, by name
-    lora = lora_settings(config, backbone)
+    lora = lora_settings(config, backbone.linear_layer_names, backbone.tied_embeddings)
     if problems := lora_target_problems(backbone, lora):
         raise ConfigError(f"invalid configuration: {problems[0]}")
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)

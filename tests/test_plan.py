@@ -24,12 +24,13 @@ def test_planned_sharded_bytes_equal_fsdp2_dtensors_at_8_and_64_ranks():
     result = run_cli([], nproc=0, script="plan_dtensor_check.py", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     cases = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert {(c["world"], c["sharding"]) for c in cases} == {
-        (w, s) for w in (8, 64) for s in ("full", "grad-op", "hybrid")
+    assert {(c["world"], c["sharding"], c.get("recipe")) for c in cases} == {
+        *((w, s, None) for w in (8, 64) for s in ("full", "grad-op", "hybrid")),
+        *((8, "full", r) for r in ("llama3.1-8b-instruct-full", "llama3.2-1b-instruct-full", "qwen3-0.6b-full")),
     }
     for case in cases:
         assert case["planned"] == case["dtensors"], case
-    by = {(c["world"], c["sharding"]): c["planned"]["params"] for c in cases}
+    by = {(c["world"], c["sharding"]): c["planned"]["params"] for c in cases if "recipe" not in c}
     assert by[(64, "full")] < by[(8, "full")] == by[(64, "hybrid")]  # hybrid shards within a node of 8
 
 

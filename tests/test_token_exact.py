@@ -16,7 +16,9 @@ from transformers import AutoTokenizer, LlamaConfig
 from backbones import build_backbone
 from backbones.base import save_chat_tokenizer
 from backbones.llama2 import LLAMA2_7B
+from backbones.llama3 import Llama3ChatPromptBuilder, Llama31ChatPromptBuilder
 from backbones.prompting import VICUNA_SYSTEM_PROMPT, LLaMa2ChatPromptBuilder, PurePromptBuilder, VicunaV15PromptBuilder
+from backbones.qwen3 import Qwen3ChatPromptBuilder
 from backbones.real_tokenizers import real_tokenizer_dir
 from launch.data import IGNORE_INDEX, encode_prompt
 
@@ -32,8 +34,9 @@ TURNS = [
     ("Quote [INST] and <<SYS>> and <</SYS>> and [/INST]", "[INST] done [/INST]"),
     ("Fix:\n\tdef f(x):\n\t\treturn x\n", "```python\ndef f(x):\n\treturn x + 1\n```"),  # tabs and newlines
     ("<PAD> twice <PAD>", "<PAD>"),
+    ("Say <|eot_id|> and <|im_end|> and <|begin_of_text|> and <think>", "<|endoftext|> ok"),  # Llama 3's, Qwen3's
 ]
-# 1-3 turns drawn from TURNS, every system variant: 4 x (9 + 8 + 7) conversations
+# 1-3 turns drawn from TURNS, every system variant: 4 x (10 + 9 + 8) conversations
 CONVERSATIONS = [(system, turns) for system in SYSTEMS for n in (1, 2, 3)
                  for turns in (TURNS[i : i + n] for i in range(len(TURNS) - n + 1))]  # fmt: skip
 
@@ -130,7 +133,7 @@ def messages(system, turns) -> list[dict]:
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_training_ids_and_labels_equal_the_familys_reference_encoding(tokenizers, name):
-    """Ids and labels, token for token, over 96 conversations: 1-3 turns, no/empty/padded system, whitespace around
+    """Ids and labels, token for token, over 108 conversations: 1-3 turns, no/empty/padded system, whitespace around
     every field, answers opening with a digit, an emoji, CJK or punctuation, control strings and code in user text."""
     training, reference = tokenizers
     bos, eos = training.bos_token_id, training.eos_token_id
@@ -154,29 +157,49 @@ def test_an_empty_system_prompt_keeps_metas_sys_block_and_the_joined_content_is_
     assert text == "<s>[INST] <<SYS>>\n\n<</SYS>>\n\n  hi [/INST] ok </s>"
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_the_exported_chat_template_gives_exactly_the_training_ids(tokenizers, tmp_path, name):
+FAMILY_BUILDERS = {"llama3": {"llama3-chat": Llama3ChatPromptBuilder, "llama3.1-chat": Llama31ChatPromptBuilder,
+                              "pure": PurePromptBuilder},
+                   "qwen3": {"qwen3-chat": Qwen3ChatPromptBuilder, "pure": PurePromptBuilder}}  # fmt: skip
+EXPORTED = [("tiny", name) for name in sorted(BUILDERS)] + [("llama2", name) for name in sorted(BUILDERS)] + [
+    (family, name) for family, builders in FAMILY_BUILDERS.items() for name in builders]  # fmt: skip
+
+
+def training_tokenizer(name: str, tiny_backbone, llama2_backbone):
+    if name == "tiny":
+        return tiny_backbone.tokenizer
+    if name == "llama2":
+        return llama2_backbone.tokenizer
+    return build_backbone({"llama3": "llama3-tiny-instruct", "qwen3": "qwen3-tiny"}[name], load_weights=False).tokenizer
+
+
+def trained_prefix_end(labels: list[int]) -> int:
+    """Where the last answer's supervised tokens begin: what a generation prompt must end before."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return max(i for i, label in enumerate(labels[:end]) if label == IGNORE_INDEX) + 1
+
+
+@pytest.mark.parametrize("tokenizer_name,name", EXPORTED, ids=[f"{t}-{n}" for t, n in EXPORTED])
+def test_the_exported_chat_template_gives_exactly_the_training_ids(tiny_backbone, llama2_backbone, tmp_path,
+                                                                   tokenizer_name, name):  # fmt: skip
     """What a server does with final/: `apply_chat_template(messages, tokenize=True)` gives the ids the model trained
     on, and with `add_generation_prompt` the ids up to the first supervised token of the last answer, the prefix the
     model was trained to continue. Control strings in user text stay text (the template escapes them, the exported
     tokenizer's normalizer removes the escape)."""
-    training, _ = tokenizers
-    save_chat_tokenizer(copy.deepcopy(training), BUILDERS[name], tmp_path)
+    training = training_tokenizer(tokenizer_name, tiny_backbone, llama2_backbone)
+    builder = {**BUILDERS, **FAMILY_BUILDERS.get(tokenizer_name, {})}[name]
+    save_chat_tokenizer(copy.deepcopy(training), builder, tmp_path)
     served = AutoTokenizer.from_pretrained(tmp_path)
     for system, turns in CONVERSATIONS:
-        ids, labels = encode_prompt(BUILDERS[name]("x").build(turns, system=system), training)
+        ids, labels = encode_prompt(builder("x").build(turns, system=system), training)
         got = served.apply_chat_template(messages(system, turns), tokenize=True)
         assert list(got["input_ids"] if hasattr(got, "keys") else got) == ids, (name, system, turns)
-        last_answer = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
         prefix = served.apply_chat_template(messages(system, turns)[:-1], tokenize=True, add_generation_prompt=True)
-        assert list(prefix["input_ids"] if hasattr(prefix, "keys") else prefix) == ids[:last_answer], (name, turns)
-    special = {training.bos_token_id, training.eos_token_id, training.unk_token_id, training.pad_token_id}
-    hostile = [t for t in TURNS if "<s>" in t[0] or "<PAD>" in t[0]]
-    ids, _ = encode_prompt(BUILDERS[name]("x").build(hostile), training)
-    counted = {t: ids.count(t) for t in special}
-    bos_per_turn = len(hostile) if name == "llama2-chat" else 1
-    assert counted == {training.bos_token_id: bos_per_turn, training.eos_token_id: len(hostile),
-                       training.unk_token_id: 0, training.pad_token_id: 0}  # fmt: skip
+        assert list(prefix["input_ids"] if hasattr(prefix, "keys") else prefix) == ids[: trained_prefix_end(labels)]
+    # the control strings a user wrote are text: the only special tokens are the format's own
+    ids, _ = encode_prompt(builder("x").build(TURNS), training)
+    written = [t for t in ids if t in set(training.all_special_ids)]
+    format_only = encode_prompt(builder("x").build([("q", "a")] * len(TURNS)), training)[0]
+    assert written == [t for t in format_only if t in set(training.all_special_ids)]
 
 
 def test_the_exported_tokenizer_is_the_generic_fast_class_with_the_escape_removed(llama2_backbone, tmp_path):
@@ -214,3 +237,90 @@ def test_the_token_report_shows_ids_pieces_and_the_supervised_mask_side_by_side(
     assert any(line.strip().startswith("supervised: ") for line in out)
     assert main(["--config", "recipes/tiny-full.yaml", "--index", "99999"]) == 2
     assert "--index 99999 is outside the" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_BUILDERS))
+def test_instruct_ids_equal_the_released_tokenizers_own_chat_template(tiny_backbone, llama2_backbone, family):
+    """Llama 3 and Qwen3 train in the model's own format: the training ids of every conversation equal what the
+    released tokenizer's shipped template gives (apply_chat_template(tokenize=True)), and the labels are exactly each
+    answer's content tokens plus its end-of-turn token. The shipped templates turn control strings written in message
+    content into control tokens; shardtune keeps them text, so those conversations are compared with shardtune's own
+    exported template only (the test above)."""
+    training = training_tokenizer(family, tiny_backbone, llama2_backbone)
+    shipped = AutoTokenizer.from_pretrained(real_tokenizer_dir({"llama3": "llama3_1", "qwen3": "qwen3"}[family]))
+    builder = {"llama3": Llama3ChatPromptBuilder, "qwen3": Qwen3ChatPromptBuilder}[family]
+    end_of_turn = training.convert_tokens_to_ids({"llama3": "<|eot_id|>", "qwen3": "<|im_end|>"}[family])
+    compared = 0
+    for system, turns in CONVERSATIONS:
+        texts = [t for turn in turns for t in turn] + ([system] if system is not None else [])
+        if any(special in text for text in texts for special in training.all_special_tokens):
+            continue
+        prompt = builder("x").build(turns, system=system)
+        ids, labels = encode_prompt(prompt, training)
+        got = shipped.apply_chat_template(messages(system, turns), tokenize=True)
+        assert list(got["input_ids"] if hasattr(got, "keys") else got) == ids, (family, system, turns)
+        supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        expected = []
+        for answer, (_, content) in zip(prompt.answers(), turns):
+            text = answer[: -len(training.convert_ids_to_tokens(end_of_turn))]
+            assert text == (content.strip() if family == "llama3" else content.lstrip("\n") if content is turns[-1][1]
+                            else content)  # fmt: skip
+            expected += training.encode(text, add_special_tokens=False) + [end_of_turn]
+        assert supervised == expected, (family, turns)
+        compared += 1
+    assert compared >= 80
+
+
+def test_a_qwen3_answer_with_its_own_reasoning_trains_in_thinking_mode(tiny_backbone, llama2_backbone, tmp_path):
+    """The template writes a last answer's reasoning inside its think block: training supervises that block with the
+    answer (the model writes it), drops earlier answers' reasoning as the template does, and the prefix it was trained
+    to continue is the thinking-mode generation prompt (enable_thinking=True)."""
+    training = training_tokenizer("qwen3", tiny_backbone, llama2_backbone)
+    shipped = AutoTokenizer.from_pretrained(real_tokenizer_dir("qwen3"))
+    turns = [("2+2?", "<think>\nadd them\n</think>\n\n4"), ("and 3+3?", "<think>six, surely</think>6")]
+    ids, labels = encode_prompt(Qwen3ChatPromptBuilder("x").build(turns), training)
+    got = shipped.apply_chat_template(messages(None, turns), tokenize=True)
+    assert list(got["input_ids"] if hasattr(got, "keys") else got) == ids
+    supervised = training.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert supervised == "4<|im_end|><think>\nsix, surely\n</think>\n\n6<|im_end|>"  # turn 1's reasoning dropped
+    save_chat_tokenizer(copy.deepcopy(training), Qwen3ChatPromptBuilder, tmp_path)
+    served = AutoTokenizer.from_pretrained(tmp_path)
+    prefix = served.apply_chat_template(messages(None, turns)[:-1], tokenize=True, add_generation_prompt=True,
+                                        enable_thinking=True)  # fmt: skip
+    assert list(prefix["input_ids"] if hasattr(prefix, "keys") else prefix) == ids[: trained_prefix_end(labels)]
+
+
+# Meta's Llama 3.1 Instruct chat template (tokenizer_config.json on the Hub), the part that renders a conversation
+# without tools, verbatim but for the tool branches left out.
+META_LLAMA31_TEMPLATE = (
+    "{{- bos_token }}"
+    '{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    '{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}'
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}'
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}'
+    '{{- "Today Date: " + date_string + "\\n\\n" }}'
+    "{{- system_message }}"
+    '{{- "<|eot_id|>" }}'
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def test_llama31_instruct_ids_equal_metas_hub_template(tiny_backbone, llama2_backbone):
+    """The Hub's Llama 3.1/3.2/3.3 Instruct ids: Meta's 3.1 template (its dated system block always first), on the
+    released Llama 3 vocabulary; the labels are each answer's stripped content plus `<|eot_id|>`."""
+    training = training_tokenizer("llama3", tiny_backbone, llama2_backbone)
+    eot = training.convert_tokens_to_ids("<|eot_id|>")
+    for system, turns in CONVERSATIONS:
+        if any(special in t for turn in turns for t in turn for special in training.all_special_tokens):
+            continue
+        prompt = Llama31ChatPromptBuilder("x").build(turns, system=system)
+        ids, labels = encode_prompt(prompt, training)
+        got = training.apply_chat_template(messages(system, turns), chat_template=META_LLAMA31_TEMPLATE, tokenize=True)
+        assert list(got["input_ids"] if hasattr(got, "keys") else got) == ids, (system, turns)
+        supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert supervised == [t for _, a in turns for t in training.encode(a.strip(), add_special_tokens=False) + [eot]]

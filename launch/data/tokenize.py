@@ -2,13 +2,14 @@
 labels (-100 where not supervised).
 
 Each text chunk is tokenized alone, as the family's reference does, and as text only (`split_special_tokens`: `</s>`
-written by a user stays characters); BOS/EOS chunks are the tokenizer's ids. A text token is supervised when its
+written by a user stays characters); special chunks are the tokenizer's ids (BOS and EOS its own, others by name;
+a tokenizer without a BOS, as Qwen's, gets none). A text token is supervised when its
 characters overlap a supervised span. All chunks of a batch of prompts go to the Rust tokenizer in one call.
 """
 
 from __future__ import annotations
 
-from backbones.prompting import BOS, Prompt
+from backbones.prompting import BOS, EOS, Prompt
 
 IGNORE_INDEX = -100
 
@@ -25,13 +26,15 @@ def encode_prompts(prompts: list[Prompt], tokenizer, max_chars: int = 0) -> list
                 spans.append(chunk.spans)
                 budget = budget if budget < 0 else max(0, budget - len(chunk.text))
     pieces = iter(zip(encode_texts(texts, tokenizer), spans))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    specials = {BOS: tokenizer.bos_token_id, EOS: tokenizer.eos_token_id}
     out = []
     for prompt in prompts:
         ids, labels = [], []
         for chunk in prompt.chunks:
             if chunk.special:
-                token = bos if chunk.special == BOS else eos
+                token = special_id(chunk.special, specials, tokenizer)
+                if token is None:  # BOS of a tokenizer that has none
+                    continue
                 ids.append(token)
                 labels.append(token if chunk.supervised else IGNORE_INDEX)
                 continue
@@ -40,6 +43,15 @@ def encode_prompts(prompts: list[Prompt], tokenizer, max_chars: int = 0) -> list
             labels += supervised(encoding, chunk_spans)
         out.append((ids, labels))
     return out
+
+
+def special_id(name: str, specials: dict, tokenizer) -> int | None:
+    if name not in specials:
+        token = tokenizer.convert_tokens_to_ids(name)
+        if token is None or token == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token) != name:
+            raise ValueError(f"the prompt format uses the special token {name!r}, which this tokenizer does not have")
+        specials[name] = token
+    return specials[name]
 
 
 def encode_prompt(prompt: Prompt, tokenizer) -> tuple[list[int], list[int]]:

@@ -14,22 +14,31 @@ import torch.distributed as dist
 from fsdp_internals import param_groups
 from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.fsdp import FSDPModule
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from fsdp import init_distributed, is_rank0, read_env, teardown
+from launch.config import parse_config
 from launch.data import build_tokenized, collate
 from launch.metrics import setup_logging
 from launch.train import fit_and_export, prepare
 
 
-def fsdp_settings(model) -> dict:
+def fsdp_settings(model, layer_cls) -> dict:
     groups = [group for m in model.modules() if isinstance(m, FSDPModule) for group in param_groups(m)]
-    blocks = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    blocks = [m for m in model.modules() if isinstance(m, layer_cls)]
     return {
         "offload_to_cpu": sorted({p.offload_to_cpu for g in groups for p in g.fsdp_params}),
         "reshard_after_forward": sorted({bool(g.post_forward_mesh_info) for g in groups}),
         "checkpointed_blocks": sum(1 for b in blocks if composable_checkpoint.state(b) is not None),
     }
+
+
+def tie_settings(model, optimizer) -> dict:
+    """Whether the head is the embedding (one DTensor), and how often each parameter appears in the optimizer."""
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    return {"head_is_embedding": head is embedding, "embedding_in_optimizer": in_optimizer.count(id(embedding)),
+            "optimizer_params_unique": len(in_optimizer) == len(set(in_optimizer)),
+            "trainable_params": len([p for p in model.parameters() if p.requires_grad])}  # fmt: skip
 
 
 def count_graphs_per_step() -> list[int]:
@@ -58,7 +67,8 @@ def inspect_run(prepared, env, graphs: list[int]) -> None:
         held_out = build_tokenized(prepared.config.data, prepared.backbone, "eval", packing=False).dataset
         batch = collate([held_out[i] for i in range(4)], prepared.backbone.tokenizer.pad_token_id, "padded")
         seen = []  # the dtype the first decoder block computes in (bf16 under mixed precision)
-        block = next(m for m in model.modules() if isinstance(m, LlamaDecoderLayer))
+        layer_cls = prepared.backbone.transformer_layer_cls
+        block = next(m for m in model.modules() if isinstance(m, layer_cls))
         hook = block.mlp.down_proj.register_forward_hook(lambda _m, args, _out: seen.append(str(args[0].dtype)))
         with torch.no_grad():
             inputs = {k: v.to(env.device) for k, v in batch.items() if k != "labels"}
@@ -79,7 +89,8 @@ def inspect_run(prepared, env, graphs: list[int]) -> None:
                 "backend": str(dist.get_backend_config()),
                 "compute_dtype": seen[0],
                 "graphs_per_step": graphs,
-                **fsdp_settings(model),
+                **fsdp_settings(model, layer_cls),
+                **tie_settings(model, trainer.optimizer),
             }
             (out / "inspect.json").write_text(json.dumps(inspected))
     finally:
@@ -101,10 +112,8 @@ def main() -> None:
     setup_logging(is_rank0())
     runs = []
     for name, flags in variants.items():
-        prepared = prepare([*argv, *flags], env)
-        if name:
-            prepared = prepare([*argv, *flags, "--run.output_dir", f"{prepared.config.run.output_dir}/{name}"], env)
-        runs.append(prepared)
+        out = [] if not name else ["--run.output_dir", f"{parse_config([*argv, *flags]).run.output_dir}/{name}"]
+        runs.append(prepare([*argv, *flags, *out], env))
     init_distributed(env, cpu_collectives=any(p.config.fsdp.cpu_offload for p in runs))
     try:
         for prepared in runs:
