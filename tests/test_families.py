@@ -147,3 +147,23 @@ def test_final_loads_in_plain_transformers_generates_and_serves_the_training_ids
                                            return_dict=True)  # fmt: skip
     out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_lora_with_trained_embeddings_on_a_tied_model_trains_one_shared_copy():
+    """peft copies embed_tokens and lm_head to train them: on a tied model the copies are tied too (its
+    ensure_weight_tying), so the run trains one matrix, exported once, as the base has one."""
+    from backbones import build_backbone
+    from backbones.lora import LoraSettings
+    from fsdp.export import model_tensor_sources
+    from launch.stage import apply_stage
+
+    backbone = build_backbone("qwen3-tiny")
+    settings = LoraSettings(4, 8.0, 0.0, backbone.linear_layer_names, True, backbone.tied_embeddings)
+    apply_stage(backbone, "lora", settings)
+    llm = backbone.llm
+    embed, head = llm.model.embed_tokens, llm.lm_head
+    assert embed.modules_to_save["default"].weight is head.modules_to_save["default"].weight
+    trainable = [n for n, p in llm.named_parameters() if p.requires_grad]
+    assert sum("modules_to_save" in n for n in trainable) == 1  # one trained copy, counted once
+    names = [name for name, _, _ in model_tensor_sources(llm)]
+    assert sum("modules_to_save" in n for n in names) == 1 and not any(n.startswith("lm_head.") for n in names)
