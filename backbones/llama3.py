@@ -122,11 +122,11 @@ LLAMA32_1B = dict(COMMON, hidden_size=2048, intermediate_size=8192, num_hidden_l
                   head_dim=64, rope_scaling={**ROPE, "factor": 32.0}, tie_word_embeddings=True)  # fmt: skip
 LLAMA32_3B = dict(COMMON, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                   head_dim=128, rope_scaling={**ROPE, "factor": 32.0}, tie_word_embeddings=True)  # fmt: skip
-# The tiny model: Llama 3's vocabulary and RoPE at a small width (the embedding and head rows make it 16M parameters).
-TINY = dict(COMMON, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rope_scaling={**ROPE, "factor": 8.0},
+# The tiny model: Llama 3's vocabulary and RoPE at a small width (the embedding and head rows make it 8M parameters).
+TINY = dict(COMMON, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, rope_scaling={**ROPE, "factor": 8.0},
             tie_word_embeddings=False, eos_token_id=[128001, 128008, 128009], initializer_range=0.02)  # fmt: skip
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 
 def save_tiny(out: Path) -> None:

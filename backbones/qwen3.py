@@ -126,11 +126,11 @@ QWEN3_14B = dict(COMMON, hidden_size=5120, intermediate_size=17408, num_hidden_l
 QWEN3_32B = dict(COMMON, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                  tie_word_embeddings=False)  # fmt: skip
 BASE = dict(max_position_embeddings=32768, eos_token_id=151643)  # the base releases' own context and EOS
-# The tiny model: Qwen3's vocabulary at a small width, tied (the shared embedding makes it 10M parameters).
-TINY = dict(COMMON, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=8192, tie_word_embeddings=True,
+# The tiny model: Qwen3's vocabulary at a small width, tied (the shared embedding makes it 5M parameters).
+TINY = dict(COMMON, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=8192, tie_word_embeddings=True,
             initializer_range=0.02)  # fmt: skip
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 
 def save_tiny(out: Path) -> None:
