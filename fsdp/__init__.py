@@ -12,10 +12,12 @@ from fsdp.dist import (
     read_env,
     teardown,
 )
+from fsdp.heartbeat import Heartbeat
 from fsdp.parallelize import apply_parallelism, clip_grad_norm_, set_gradient_sync
 
 __all__ = [
     "DistEnv",
+    "Heartbeat",
     "all_reduce_sum",
     "apply_parallelism",
     "barrier",

@@ -107,7 +107,7 @@ def find_latest_checkpoint(root: Path) -> Path | None:
             continue
         if damage is None:
             return path
-        log.warning("skipping damaged checkpoint %s: %s; using an older one", path.name, damage)
+        log.warning("skipping damaged checkpoint %s: %s; trying an older one", path.name, damage)
     return None
 
 
@@ -162,6 +162,17 @@ class PendingSave:
     needed: int  # bytes, for the disk-full message
 
 
+class PathFreeWriter(dcp.FileSystemWriter):
+    """DCP's file writer, but `.metadata` records no directory: DCP would store the temporary path the checkpoint is
+    written under (stale once it is published, moved or copied), and a path may hold a secret (launch/secrets.py)."""
+
+    def storage_meta(self):
+        meta = super().storage_meta()
+        if meta is not None:
+            meta.checkpoint_id = None
+        return meta
+
+
 class CheckpointManager:
     """Saves and loads (model, optimizer, trainer state) for every rank under `root`.
 
@@ -203,6 +214,9 @@ class CheckpointManager:
             if damage:
                 raise CheckpointError(f"--run.resume={resume}: the checkpoint is damaged: {damage}")
         if path is None:
+            if resume == "auto" and list_checkpoints(self.root):
+                log.warning("no intact checkpoint left in %s: this run starts from the pretrained weights at step 0",
+                            self.root)  # fmt: skip
             return None
         meta = read_checkpoint_meta(path)
         mismatched = [f"{key} '{meta.get(key)}' (checkpoint) vs '{self.identity[key]}' ({flag})"
@@ -302,10 +316,10 @@ class CheckpointManager:
             try:
                 if self.policy.async_save:
                     future = dcp.async_save(
-                        state, checkpoint_id=str(tmp_dir), process_group=self._async_process_group()
+                        state, storage_writer=PathFreeWriter(str(tmp_dir)), process_group=self._async_process_group()
                     )
                 else:
-                    dcp.save(state, checkpoint_id=str(tmp_dir))
+                    dcp.save(state, storage_writer=PathFreeWriter(str(tmp_dir)))
             except Exception as error:  # DCP raises on every rank when any rank's write failed
                 self._fail(tmp_dir, needed, final_dir, error)
         self.pending = PendingSave(future, tmp_dir, final_dir, {**self.identity, "step": step}, needed)

@@ -68,9 +68,11 @@ def init_distributed(env: DistEnv, timeout_s: float = 1800, cpu_collectives: boo
     # After an elastic restart the store still holds the dead generation's gloo/NCCL addresses under the same keys;
     # reading them, new workers connect to ports nobody listens on and fail or hang. One namespace per attempt.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    global _store
+    _store = dist.PrefixStore(f"shardtune/attempt-{attempt}", store)
     dist.init_process_group(
         process_group_backend(env.device, cpu_collectives),
-        store=dist.PrefixStore(f"shardtune/attempt-{attempt}", store),
+        store=_store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,
@@ -78,6 +80,14 @@ def init_distributed(env: DistEnv, timeout_s: float = 1800, cpu_collectives: boo
     )
     global _timeout_s
     _timeout_s = timeout_s
+
+
+_store = None
+
+
+def process_group_store():
+    """The store the process group was built on (rank 0 serves it): heartbeats go there."""
+    return _store if dist.is_initialized() else None
 
 
 def build_mesh(env: DistEnv, sharding: str) -> DeviceMesh:
@@ -171,5 +181,7 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def teardown() -> None:
+    global _store
+    _store = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -132,6 +132,8 @@ class RunConfig:
     # A training collective that does not finish in this time ends the job (a rank stopped responding). Loading and
     # checkpoint saves use --checkpoint.timeout_s instead.
     collective_timeout_s: float = 600.0
+    # After rank 0 has waited this long in a step, it logs the step and the ranks it has not heard from (0: off).
+    heartbeat_s: float = 60.0
 
 
 @dataclass
@@ -234,9 +236,14 @@ def check_value(key: str, value: str) -> None:
 
 def check_recipe_keys(path: str) -> None:
     try:
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
+        recipe = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if recipe is None:
+        raise ConfigError(
+            f"--config {path}: the recipe is empty; expected sections (model:, data:, train:, ...), "
+            "e.g. copy recipes/tiny-full.yaml"
+        )
     if not isinstance(recipe, dict):
         raise ConfigError(
             f"--config {path}: expected sections (model:, data:, train:, ...), found {type(recipe).__name__}"
@@ -292,15 +299,19 @@ def parse_config(argv: list[str]) -> Config:
 
 
 def config_to_dict(config: Config) -> dict:
-    """The resolved config as plain values (trackers, digests). Secrets are never fields."""
+    """The resolved config as plain values (trackers, digests). Secrets are never fields, but may hide in a value
+    (a path): trackers get the masked tree (launch/secrets.py)."""
     return dataclasses.asdict(config)
 
 
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML. Secrets are never fields (tokens come from HF_TOKEN or a file path)."""
+    """The resolved config as YAML, every secret masked (tokens come from HF_TOKEN or a file, but a value such as a
+    path may still hold one)."""
+    from launch.secrets import redact
+
     stream = io.StringIO()
     draccus.dump(config, stream)
-    return stream.getvalue()
+    return redact(stream.getvalue())
 
 
 def looks_local(path: str) -> bool:

@@ -25,6 +25,7 @@ from transformers import AutoConfig
 from backbones.lora import LoraSettings, adapter_sources, merged_sources
 from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources, find_latest_checkpoint, read_checkpoint_meta
 from fsdp.export import DTYPES, MARKER, ExportError, TensorSource, export_hf
+from launch.secrets import scrub_directory
 
 
 class ExportRefused(ValueError):
@@ -77,6 +78,7 @@ def export_model(sources: list[TensorSource], out_dir: Path, dtype: str, max_sha
         config = lora.peft_config()
         config.base_model_name_or_path = base_path
         config.save_pretrained(directory)
+        scrub_directory(directory)  # the base's local path may hold a secret
 
     export_hf(adapter_sources(sources), adapter, dtype, 10**9, write, adapter_config, source, "adapter_model")
 
@@ -119,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size-mb", type=int, default=5000)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that is no export")
     args = parser.parse_args(argv)
+    if args.max_shard_size_mb < 1:
+        print(f"shardtune export: --max-shard-size-mb={args.max_shard_size_mb} would write one file per tensor; use "
+              ">= 1 (default 5000)", file=sys.stderr)  # fmt: skip
+        return 2
     # DCP warns that it loads in a single process: that is the point here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:

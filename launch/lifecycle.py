@@ -8,6 +8,7 @@ directory. A worker that an agent started therefore watches its parent and exits
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -21,6 +22,21 @@ EXIT_BAD_INPUT = 2  # refused before anything was written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on SIGUSR1/SIGTERM; the batch script requeues
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: checkpoint saved on Ctrl-C; run the same command again to continue
 EXIT_ORPHANED = 143  # the launcher died: stop without writing anything more
+
+
+def tell_the_launcher(message: str) -> None:
+    """Under torchrun, put the one-line reason into the worker's error file: torchrun's failure summary then shows
+    it as the root cause instead of a pointer to its docs (the summary itself, and torchrun's exit status 1, are
+    torchrun's own)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                # torchelastic's own layout: its summary prints py_callstack as the "traceback" line
+                info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+                json.dump({"message": {"message": message, "extraInfo": info}}, f)
+        except OSError:
+            pass
 
 
 def started_by_an_agent() -> bool:

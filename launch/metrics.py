@@ -14,21 +14,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-
-class RedactSecrets(logging.Filter):
-    """Replaces the Hub token's value wherever it would reach a log line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        token = os.environ.get("HF_TOKEN")
-        if token and token in record.getMessage():
-            record.msg, record.args = record.getMessage().replace(token, "***"), None
-        return True
+from launch.secrets import mask_secrets_in_log_records, redact, redact_tree
 
 
 def setup_logging(is_rank0: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(RedactSecrets())
+    mask_secrets_in_log_records()  # every handler's: ours, and the file wandb logs its run's paths into
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Other ranks stay quiet unless something is wrong.
@@ -78,28 +70,37 @@ class MetricsWriter:
             self.wandb = wandb.init(
                 project=wandb_project,
                 dir=str(run_dir),
-                config=config,
-                name=run_dir.name,
+                config=redact_tree(config),
+                name=redact(run_dir.name),
                 resume="allow",
                 id=_wandb_id(run_dir),
                 mode=mode,
+                # No command line, program path or code copy in the run's metadata, and none of wandb's own
+                # terminal lines (they print the run's path unmasked): any of them may hold a secret.
+                settings=wandb.Settings(x_disable_meta=True, save_code=False, disable_code=True, silent=True),
             )
+            logging.getLogger(__name__).info("wandb: %s run %s in %s", mode, self.wandb.id, self.wandb.dir)
             self.wandb.define_metric("step")
             self.wandb.define_metric("*", step_metric="step")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after `step` (written after the checkpoint a resume starts from)."""
+        """Drop records of steps after `step` (written after the checkpoint a resume starts from), and any record a
+        kill cut short (read_jsonl warns about it)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        from launch.plot import read_jsonl
+
+        kept = [line for line, record in read_jsonl(self.path) if record["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {**record, "time": round(time.time(), 3), "elapsed_s": round(time.monotonic() - self.started, 3)}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(redact(json.dumps(record)) + "\n")
         if self.wandb is not None:
             self.wandb.log(record)
         if "eval_loss" in record:

@@ -154,6 +154,11 @@ def plan(argv: list[str]) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the plan here")
     parser.add_argument("--no-dtensor-check", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    for flag, value in (("--gpus-per-node", args.gpus_per_node), ("--nodes", args.nodes)):
+        if value < 1:
+            raise ValueError(f"{flag}={value}: a plan needs at least one; e.g. {flag} {8 if 'gpus' in flag else 1}")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu={args.mfu} must be in (0, 1], e.g. 0.4")
     from backbones.registry import get_backbone_spec
     from fsdp.plan_check import dtensor_bytes
     from launch.config import parse_config

@@ -1,7 +1,8 @@
 """Loss curves from `metrics.jsonl`: train loss (raw and smoothed), eval loss, learning rate and tokens/s against
 steps, with the supervised tokens seen on a second axis. One run, or several overlaid.
 
-    python -m launch.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
+    python -m launch.plot RUN_DIR [RUN_DIR ...] [--out curves.png]   (default: RUN_DIR/loss.png, or runs.png beside
+                                                                     the first of several)
 
 Rank 0 redraws `<run>/loss.png` at every evaluation and at the end of a run.
 """
@@ -10,18 +11,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from launch.secrets import redact
+
+log = logging.getLogger(__name__)
 PANELS = ("train loss", "eval loss", "learning rate", "tokens/s")
+
+
+def read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every readable record of a JSON-lines run record. A kill mid-write can cut the last line
+    short: such a line (or any that does not parse) is dropped with a warning naming the file and line, never fatal."""
+    out = []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a step record")
+        except ValueError as error:
+            cut = " (cut short: the run was stopped while writing it)" if number == len(lines) else ""
+            log.warning("%s:%d: dropped an unreadable record%s: %s", path, number, cut, str(error).splitlines()[0])
+            continue
+        out.append((line, record))
+    return out
 
 
 def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(step records, eval records); a resumed run's re-logged steps keep their last values."""
     steps, evals = {}, {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line)
+    for _, record in read_jsonl(run_dir / "metrics.jsonl"):
         (evals if "eval_loss" in record else steps)[record["step"]] = record
     return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
 
@@ -33,6 +56,12 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
         average = weight * average + (1 - weight) * value
         out.append(average / (1 - weight**i))
     return out
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that hold `key` (an older or hand-written file may lack some fields)."""
+    kept = [r for r in records if isinstance(r.get(key), (int, float))]
+    return [r["step"] for r in kept], [r[key] for r in kept]
 
 
 def plot_runs(run_dirs: list[Path], out: Path):
@@ -59,18 +88,17 @@ def plot_runs(run_dirs: list[Path], out: Path):
         steps, evals = read_records(Path(run_dir))
         if not steps:
             continue
-        color, name = f"C{index}", Path(run_dir).name
-        x = [r["step"] for r in steps]
-        loss = [r["loss"] for r in steps]
+        color, name = f"C{index}", redact(Path(run_dir).name)
+        x, loss = series(steps, "loss")
         panels["train loss"].plot(x, loss, color=color, alpha=0.25, linewidth=0.8)
         panels["train loss"].plot(x, smooth(loss), color=color, label=name)
         if evals:
-            panels["eval loss"].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color=color,
-                                     label=name)  # fmt: skip
-        panels["learning rate"].plot(x, [r["lr"] for r in steps], color=color, label=name)
-        panels["tokens/s"].plot(x, [r["tokens_per_s"] for r in steps], color=color, alpha=0.8, label=name)
+            panels["eval loss"].plot(*series(evals, "eval_loss"), "o-", color=color, label=name)
+        panels["learning rate"].plot(*series(steps, "lr"), color=color, label=name)
+        panels["tokens/s"].plot(*series(steps, "tokens_per_s"), color=color, alpha=0.8, label=name)
         if first_tokens is None:
-            tokens = np.cumsum([r["tokens"] for r in steps], dtype=float)
+            x = [r["step"] for r in steps]
+            tokens = np.cumsum([r.get("tokens", 0) for r in steps], dtype=float)
             first_tokens = (np.array([0, *x], dtype=float), np.concatenate([[0.0], tokens]))  # step 0: no tokens yet
     if first_tokens is not None:
         step_axis, token_axis = first_tokens
@@ -81,7 +109,7 @@ def plot_runs(run_dirs: list[Path], out: Path):
         def to_steps(t):
             return np.interp(t, token_axis, step_axis)
 
-        for axis in axes[0]:
+        for axis in axes[0] if token_axis[-1] > 0 else ():  # no token counts: no token axis
             axis.set_xlim(step_axis[0], step_axis[-1])
             top = axis.secondary_xaxis("top", functions=(to_tokens, to_steps))
             top.set_xlabel("supervised tokens")
@@ -101,13 +129,19 @@ def plot_runs(run_dirs: list[Path], out: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+")
-    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/loss.png for one run, runs.png else")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: RUN_DIR/loss.png for one run, else runs.png beside the first run directory",
+    )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.run_dirs if not (d / "metrics.jsonl").is_file()]
     if missing:
         print(f"shardtune plot: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
         return 2
-    out = args.out or (args.run_dirs[0] / "loss.png" if len(args.run_dirs) == 1 else Path("runs.png"))
+    first = args.run_dirs[0]
+    out = args.out or (first / "loss.png" if len(args.run_dirs) == 1 else first.resolve().parent / "runs.png")
     plot_runs(args.run_dirs, out)
     print(f"wrote {out}")
     return 0

@@ -18,6 +18,7 @@ import torch
 
 from fsdp import DistEnv
 from launch.plot import read_records
+from launch.secrets import redact, redact_tree
 
 log = logging.getLogger("launch.summary")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +59,7 @@ def command_line() -> str:
     """The command as typed: `python -m launch.train ...` for a module run (sys.argv[0] is then the file's path)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     program = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
-    command = " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
-    token = os.environ.get("HF_TOKEN")
-    return command.replace(token, "***") if token else command
+    return " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
 
 
 def write_run_record(run_dir: Path, env: DistEnv) -> None:
@@ -70,7 +69,7 @@ def write_run_record(run_dir: Path, env: DistEnv) -> None:
         "command": command_line(), "cwd": os.getcwd(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
         "git": git_state(), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    (run_dir / "run.json").write_text(redact(json.dumps(record, indent=2)) + "\n")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -106,6 +105,7 @@ def write_summary(run_dir: Path, wall_time_s: float, peak_gib: list[float], chec
         "checkpoints": [str(p) for p in checkpoints],
         "final": str(final_dir),
     }
+    summary = redact_tree(summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"  {key:<26} {value}" for key, value in summary.items() if key != "checkpoints"]
     log.info("run summary (%s):\n%s", run_dir / "summary.json", "\n".join(lines))

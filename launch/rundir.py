@@ -100,6 +100,32 @@ def clean_leftovers(output_dir: str) -> None:
             log.info("removed %s, left by an interrupted write", path)
 
 
+# What an earlier start that left no checkpoint wrote: a new start from step 0 keeps them aside, never appends.
+RECORDS = ("metrics.jsonl", "loss.png", "summary.json", ".wandb_id")
+
+
+def set_aside_earlier_records(output_dir: str) -> list[str]:
+    """Owner only, on a start from step 0 in a directory an earlier start wrote records into (it stopped before its
+    first checkpoint, or every checkpoint it left is damaged): rename them to `<name>.earlier-N<suffix>` (N the first
+    free number), so the new run's records start clean and nothing is lost; a new `.wandb_id` starts a new wandb run.
+    Returns the new names."""
+    run_dir = Path(output_dir)
+    present = [name for name in RECORDS if (run_dir / name).exists()]
+    if not present:
+        return []
+    n = 1
+    while any((run_dir / earlier_name(name, n)).exists() for name in RECORDS):
+        n += 1
+    for name in present:
+        os.rename(run_dir / name, run_dir / earlier_name(name, n))
+    return [earlier_name(name, n) for name in present]
+
+
+def earlier_name(name: str, n: int) -> str:
+    stem, dot, suffix = name.rpartition(".") if not name.startswith(".") else (name, "", "")
+    return f"{stem}.earlier-{n}{dot}{suffix}"
+
+
 def start_run(output_dir: str, replace_finished: bool, config_yaml: str) -> None:
     """Owner only, when training starts: with --run.overwrite, only now remove the finished run it replaces (its
     artifacts, nothing else); write config.yaml; clear the preemption marker this start answers."""

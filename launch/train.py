@@ -11,7 +11,20 @@ parse -> build backbone -> build data -> pick checkpoint -> init distributed -> 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+
+EARLY_SIGNALS: list[int] = []  # SIGTERM/SIGUSR1 received while importing: main() treats them as a preemption
+
+if __name__ == "__main__":
+    # While torch and transformers import (seconds), before main() installs the handler that checkpoints: Ctrl-C
+    # leaves with one line, not a KeyboardInterrupt traceback; SIGTERM/SIGUSR1 are remembered, not fatal (torchrun
+    # sends SIGTERM to the other workers as soon as one exits, e.g. with a refusal every rank is about to reach).
+    signal.signal(signal.SIGINT, lambda *_: (print("shardtune: interrupted during start-up; nothing was written",
+                                                   file=sys.stderr, flush=True), os._exit(130)))  # fmt: skip
+    for _signal in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_signal, lambda signum, _frame: EARLY_SIGNALS.append(signum))
 
 if __name__ == "__main__" and any(arg in ("-h", "--help") for arg in sys.argv[1:]):
     # Before the imports below (torch, transformers: seconds): --help answers at once.
@@ -26,8 +39,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +61,7 @@ from fsdp import (
     read_env,
     teardown,
 )
-from fsdp.checkpoint import CheckpointError, CheckpointManager, SavePolicy
+from fsdp.checkpoint import CheckpointError, CheckpointManager, SavePolicy, read_checkpoint_meta
 from fsdp.dist import all_gather_object, collective_failure, set_collective_timeout
 from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
@@ -65,13 +76,22 @@ from launch.lifecycle import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    tell_the_launcher,
     watch_launcher,
 )
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
 from launch.preemption import PreemptionHandler, write_marker
 from launch.record import peak_memory_gib, write_run_record, write_summary
-from launch.rundir import RunDirError, RunDirLock, check_run_dir, clean_leftovers, start_run
+from launch.rundir import (
+    RunDirError,
+    RunDirLock,
+    check_run_dir,
+    clean_leftovers,
+    set_aside_earlier_records,
+    start_run,
+)
+from launch.secrets import redact, register_token_file, scrub_directory
 from launch.stage import apply_stage, lora_settings, lora_target_problems
 from launch.step_end import StepEnd, Stopped
 from launch.trainer import Trainer
@@ -108,6 +128,7 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     anything is written: a bad run exits at once on all ranks instead of leaving some waiting in a collective.
     `should_stop()` turning true (a signal) stops a long tokenization between parts (TokenizingStopped)."""
     config = parse_config(argv)
+    register_token_file(config.model.hf_token_file)  # masked from here on, wherever it occurs
     validate_config(config, env.world_size)
     check_run_dir(config.run.output_dir, config.run.overwrite, config.run.resume)
     attn, attn_line = resolve_attn_implementation(
@@ -134,7 +155,21 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     checkpoints = build_checkpoint_manager(config, env, hf_extras, lora)
     replace = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
     resume_from = None if replace else checkpoints.select(config.run.resume)
+    if resume_from is not None:
+        check_resume_within_steps(resume_from, config, len(train_data.dataset))
     return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace, lora)
+
+
+def check_resume_within_steps(checkpoint: Path, config: Config, items: int) -> None:
+    """A checkpoint past the run's last step would train nothing and export its own weights as final/."""
+    train = config.train
+    total = train.max_steps or train.epochs * (items // train.global_batch_size)
+    step = read_checkpoint_meta(checkpoint)["step"]
+    if step > total:
+        flag = f"--train.max_steps={train.max_steps}" if train.max_steps else f"--train.epochs={train.epochs}"
+        raise CheckpointError(f"cannot resume {checkpoint} (step {step}): it is past the last step of this run "
+                              f"({total}, {flag}); raise {flag.split('=')[0]}, or start again in a new "
+                              "--run.output_dir")  # fmt: skip
 
 
 def check_fills_a_batch(data: TokenizedData, config: Config) -> None:
@@ -151,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     watch_launcher()  # a worker that torchrun started stops when torchrun dies, however it dies
     # From here on SIGUSR1/SIGTERM/SIGINT ask for a checkpoint at the next step boundary instead of killing the process.
     preemption = PreemptionHandler()
+    preemption.received = preemption.received or (EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     try:
         prepared = prepare(sys.argv[1:] if argv is None else argv, env, lambda: preemption.received is not None)
     except BAD_INPUT as error:
+        message = redact(f"shardtune: {error}")
+        tell_the_launcher(message)  # every rank: torchrun's summary shows it as the root cause
         if is_rank0():
-            print(f"shardtune: {error}", file=sys.stderr)
+            print(message, file=sys.stderr)
         return EXIT_BAD_INPUT
     except TokenizingStopped:
         prepared = None  # the finished parts of the tokenization cache are kept: the re-run builds only the rest
@@ -168,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = broadcast_object(lock.acquire() if is_rank0() else None)  # one owner per run directory
     if problem:
         if is_rank0():
-            print(f"shardtune: {problem}", file=sys.stderr)
+            print(redact(f"shardtune: {problem}"), file=sys.stderr)
         teardown()
         return EXIT_BAD_INPUT
     if is_rank0():
@@ -180,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         status = stopped.status
     except RunFailed as error:
         # Peers may be gone or frozen: say what happened and leave at once (tearing down could wait on them).
-        print(f"shardtune: rank {env.rank}: {error}", file=sys.stderr, flush=True)
+        message = redact(f"shardtune: rank {env.rank}: {error}")
+        tell_the_launcher(message)
+        print(message, file=sys.stderr, flush=True)
         os._exit(EXIT_FAILED)
     except (CheckpointError, ExportError) as error:  # every rank raises it together (a full disk): the group is healthy
         if is_rank0():
-            print(f"shardtune: {error}", file=sys.stderr)
+            print(redact(f"shardtune: {error}"), file=sys.stderr)
         status = EXIT_FAILED
     finally:
         # Free the sharded model (and with it every reference to the process groups) before destroying them:
@@ -284,6 +324,9 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     if is_rank0():
         start_run(config.run.output_dir, prepared.replace_finished, dump_config(config))
         write_run_record(run_dir, env)
+        if state is None and (kept := set_aside_earlier_records(config.run.output_dir)):
+            log.warning("%s: no checkpoint to resume, so this run starts from the pretrained weights at step 0; the "
+                        "records of an earlier start there are kept as %s", run_dir, ", ".join(kept))  # fmt: skip
     barrier()
     started = time.monotonic()
     peak = peak_bf16_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
@@ -303,6 +346,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         layout,
         flops,
         peak,
+        config.run.heartbeat_s,
     )
     if state is not None:
         trainer.load_state_dict(state)
@@ -322,10 +366,11 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     except RuntimeError as error:
         if (failure := collective_failure(error)) is None:
             raise
+        waited = (f" (no collective finished within --run.collective_timeout_s={config.run.collective_timeout_s:g} s)"
+                  if failure.startswith("a collective did not finish") else "")  # fmt: skip
         raise RunFailed(
-            f"step {trainer.step + 1}: {failure} (no collective finished within "
-            f"--run.collective_timeout_s={config.run.collective_timeout_s:g} s); re-run the same command "
-            f"to resume from the newest checkpoint [{str(error).strip().splitlines()[0]}]"
+            f"step {trainer.step + 1}: {failure}{waited}; re-run the same command to resume from the newest "
+            f"checkpoint [{str(error).strip().splitlines()[0]}]"
         ) from None
     finally:
         metrics.close()
@@ -354,6 +399,7 @@ def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):
         hf_config.save_pretrained(directory)
         generation_config.save_pretrained(directory)
         save_chat_tokenizer(tokenizer, backbone.prompt_builder_fn, directory)  # the family's format, token-exact
+        scrub_directory(directory)  # transformers records local paths (_name_or_path), which may hold a secret
 
     return save_extras
 
@@ -369,4 +415,11 @@ def export_final(config: Config, model, out_dir: Path, hf_extras: Callable[[Path
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    status = main()
+    if status == EXIT_BAD_INPUT:
+        # Refused before anything started: leave now. Python's shutdown restores default signal handlers, and under
+        # torchrun the SIGTERM it sends the other workers once one exits would then end them with -15, not this 2.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

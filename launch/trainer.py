@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from backbones.loss import cross_entropy_sum
-from fsdp import DistEnv, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
+from fsdp import DistEnv, Heartbeat, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
 from launch.config import TrainConfig
 from launch.data import IGNORE_INDEX, GlobalBatchSampler, TokenizedData, collate
 from launch.flops import FlopCounter
@@ -73,6 +73,7 @@ class Trainer:
     layout: str = "padded"  # padded | packed | flat (see launch.data.collate)
     flops: FlopCounter | None = None
     peak_flops: float | None = None  # dense bf16 peak of one device: MFU is logged when known
+    heartbeat_s: float = 0.0  # rank 0 names the silent ranks after waiting this long (0: off; fsdp.heartbeat)
     step: int = field(default=0, init=False)  # optimizer steps completed
 
     def state_dict(self) -> dict:
@@ -168,11 +169,13 @@ class Trainer:
         evaluating = self.eval_data is not None and eval_every >= 0
         bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
         gc_every = self.train.gc_every_steps
+        heartbeat = Heartbeat(self.heartbeat_s)
         with steps_collect_garbage(gc_every):
             try:
                 if evaluating and self.step == 0:
                     self.log_eval()
                 while self.step < self.total_steps:
+                    heartbeat.at(self.step + 1, 0)
                     record = self.train_step()
                     self.metrics.log(record)
                     bar.step(record)
@@ -181,9 +184,11 @@ class Trainer:
                         self.log_eval()
                     if gc_every and self.step % gc_every == 0:
                         gc.collect(1)
+                    heartbeat.at(self.step, 1)
                     if on_step_end is not None:
                         on_step_end(self)
             finally:
+                heartbeat.stop()
                 bar.close()
 
     def log_eval(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from backbones.registry import BACKBONES
 from launch.attention import IMPLEMENTATIONS
-from launch.config import Config, ConfigError, looks_local
+from launch.config import Config, ConfigError, LoraSection, looks_local
 
 CHOICES = {
     ("model", "attn_implementation"): IMPLEMENTATIONS,
@@ -82,6 +82,7 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
             problems.append(f"--fsdp.sharding=hybrid needs equal processes per node; world {world_size}, local {local}")
     if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
         problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
+    problems += stage_problems(config) + size_problems(config)
     problems += optimizer_problems(config) + (
         path_problems(config) + accelerate_problems(config) if check_paths else []
     )
@@ -89,6 +90,38 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
         raise ConfigError(f"invalid configuration: {problems[0]}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def stage_problems(config: Config) -> list[str]:
+    """Settings that would be silently ignored by the chosen stage: a --lora.* value that is not the default on any
+    stage but lora."""
+    if config.train.stage == "lora":
+        return []
+    defaults = LoraSection()
+    return [f"--lora.{key}={getattr(config.lora, key)} applies to --train.stage lora only, and the stage is "
+            f"{config.train.stage}; drop it, or choose --train.stage lora"
+            for key in vars(defaults) if getattr(config.lora, key) != getattr(defaults, key)]  # fmt: skip
+
+
+def size_problems(config: Config) -> list[str]:
+    """Sizes that cannot mean what they say (a shard of 0 MB would write one file per tensor)."""
+    problems = []
+    if config.export.max_shard_size_mb < 1:
+        problems.append(f"--export.max_shard_size_mb={config.export.max_shard_size_mb} would write one file per "
+                        "tensor; use >= 1 (the default, 5000, is Hugging Face's)")  # fmt: skip
+    if config.data.tokenize_memory_mb < 512:
+        problems.append(f"--data.tokenize_memory_mb={config.data.tokenize_memory_mb} is below what a tokenizing "
+                        "process needs for its libraries alone; use >= 512 (default 2048)")  # fmt: skip
+    run = config.run
+    if not (math.isfinite(run.heartbeat_s) and run.heartbeat_s >= 0):
+        problems.append(f"--run.heartbeat_s={run.heartbeat_s} must be >= 0 (0: off)")
+    train = config.train
+    if not (math.isfinite(train.log_every_s) and train.log_every_s >= 0) or train.log_every_steps < 0:
+        problems.append(f"--train.log_every_s={train.log_every_s} and --train.log_every_steps="
+                        f"{train.log_every_steps} must be >= 0 (0: off)")  # fmt: skip
+    if not positive(config.checkpoint.timeout_s):
+        problems.append(f"--checkpoint.timeout_s={config.checkpoint.timeout_s} must be > 0")
+    return problems
 
 
 def local_data_exists(path: str) -> bool:
@@ -178,5 +211,6 @@ def accelerate_problems(config: Config) -> list[str]:
             "master weights, reducing gradients in fp32)", precision, config.fsdp.mixed_precision)  # fmt: skip
     if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ:
         return ["accelerate launch was asked for several processes but started one (without --multi_gpu it starts "
-                "one); use: accelerate launch --multi_gpu [--cpu] --num_processes N -m launch.train ..."]  # fmt: skip
+                "one); use: accelerate launch --multi_gpu --num_processes N -m launch.train ... (on a machine without "
+                "GPUs too: it then starts N CPU processes)"]  # fmt: skip
     return []

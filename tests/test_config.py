@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import ROOT, TINY, run_cli
@@ -98,8 +100,13 @@ def test_a_refused_run_exits_on_every_rank_and_says_so_once(tmp_path):
     result = run_cli(
         [*TINY, "--run.output_dir", str(out), "--train.stage", "bogus"], nproc=2, timeout=120, launcher="torchrun"
     )  # what a torchrun user sees
-    assert result.returncode != 0
-    assert result.stderr.count(message) == 1  # said once, by rank 0
+    assert result.returncode == 1  # torchrun's own status for a failed worker
+    said = [line for line in result.stderr.splitlines() if line.startswith("shardtune:")]
+    assert len(said) == 1 and message in said[0]  # said once, by rank 0
+    # every worker leaves with the refusal's status (none is killed by the SIGTERM torchrun sends once one exits),
+    # and torchrun's summary names the refusal as each one's cause
+    assert re.findall(r"^\s*exitcode\s*: (-?\d+)", result.stderr, re.M) == ["2", "2"], result.stderr[-3000:]
+    assert re.findall(r"traceback : (.*)", result.stderr) == [said[0]] * 2
     assert not out.exists()  # refused before anything was written
 
 

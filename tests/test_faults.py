@@ -99,6 +99,26 @@ def unfinished_run(tmp: Path) -> Path:
     return tmp
 
 
+def conversations(tmp: Path, rows: list, name: str = "d.jsonl") -> str:
+    (tmp / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(tmp / name)
+
+
+def empty_answers(tmp: Path) -> str:
+    empty = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
+    return conversations(tmp, [empty] * 40)
+
+
+def corrupt_parquet(tmp: Path) -> str:
+    (tmp / "d.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    return str(tmp / "d.parquet")
+
+
+def long_question(tmp: Path) -> str:
+    row = {"messages": [{"role": "user", "content": "why " * 200}, {"role": "assistant", "content": "because"}]}
+    return conversations(tmp, [row] * 40)
+
+
 # case -> (argv from the case's tmp directory and the tiny model's directory, what the one line must say)
 REFUSALS = {
     "lr_zero": (lambda t, m: [*out(t), "--train.lr", "0"], "--train.lr=0.0 must be a positive number"),
@@ -139,6 +159,31 @@ REFUSALS = {
     "overwrite_with_a_bad_value_keeps_the_finished_run": (
         lambda t, m: [*out(finished_run(t).parent), "--run.overwrite", "true", "--train.lr", "-1"],
         "--train.lr=-1.0 must be a positive number",
+    ),
+    "lora_flag_with_the_full_stage": (
+        lambda t, m: [*out(t), "--lora.rank", "32"],
+        "--lora.rank=32 applies to --train.stage lora only, and the stage is full",
+    ),
+    "shard_size_zero": (
+        lambda t, m: [*out(t), "--export.max_shard_size_mb", "0"],
+        "--export.max_shard_size_mb=0 would write one file per tensor; use >= 1",
+    ),
+    "every_answer_empty": (
+        lambda t, m: [*out(t), "--data.path", empty_answers(t)],
+        "d.jsonl: every assistant answer is empty (40 answers in 40 rows)",
+    ),
+    "messages_not_a_list": (
+        lambda t, m: [*out(t), "--data.path", conversations(t, [{"messages": "hello"}])],
+        "d.jsonl:1: field 'messages' must be a list of {role, content} messages, found str",
+    ),
+    "corrupt_parquet": (
+        lambda t, m: [*out(t), "--data.path", corrupt_parquet(t)],
+        "d.parquet: not a readable parquet file",
+    ),
+    "empty_recipe": (lambda t, m: ["--config", str(write(t / "r.yaml", "# nothing yet\n")), *out(t)], "is empty"),
+    "max_length_cuts_every_answer": (
+        lambda t, m: [*out(t), "--data.path", long_question(t), "--data.packing", "true", "--data.max_length", "64"],
+        "--data.max_length=64",
     ),
     "resume_never_over_checkpoints": (
         lambda t, m: [*out(unfinished_run(t)), "--run.resume", "never"],
@@ -201,8 +246,10 @@ def test_wandb_keeps_the_steps_a_resumed_run_logs_again(monkeypatch, tmp_path):
 
     logged, defined = [], []
     run = types.SimpleNamespace(log=lambda record, **kw: logged.append((record, kw)), finish=lambda: None,
-                                define_metric=lambda name, **kw: defined.append((name, kw)))  # fmt: skip
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+                                define_metric=lambda name, **kw: defined.append((name, kw)),
+                                id="x", dir=tmp_path)  # fmt: skip
+    wandb = types.SimpleNamespace(init=lambda **kw: run, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     for steps in ([1, 2, 3, 4], [3, 4]):  # a run, then its resume from the step-2 checkpoint
         writer = MetricsWriter(tmp_path, ["jsonl", "wandb"], {}, True, "p")
         writer.truncate_after(2)
@@ -356,6 +403,85 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_and_a_lost_export
     assert metrics_steps(run) == steps and all(torch.equal(got[k], load_final(run)[k]) for k in got)
 
 
+@pytest.mark.slow
+def test_a_resume_past_the_last_step_is_refused_and_changes_nothing(reference_run, tmp_path, in_process, capsys):
+    """A step-24 checkpoint under --train.max_steps 5 would train nothing and export its own weights as final/."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", run / "checkpoints")
+    shutil.copy(reference_run / "metrics.jsonl", run / "metrics.jsonl")
+    before = snapshot(tmp_path)
+    status = in_process([*FP32_SMALL, "--train.max_steps", "5", "--checkpoint.every_steps", "4", *out(tmp_path)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shardtune")]
+    assert status == 2 and len(lines) == 1, lines
+    assert f"step-{REFERENCE_STEPS:06d} (step {REFERENCE_STEPS}): it is past the last step of this run (5, " \
+           "--train.max_steps=5); raise --train.max_steps" in lines[0]  # fmt: skip
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_start_from_step_0_keeps_an_earlier_starts_records_aside(reference_run, tmp_path):
+    """--checkpoint.keep_last 1 and that checkpoint damaged: the run starts over, and says so once; the records the
+    earlier start wrote are kept under names that say so, and the new ones hold this run's steps only."""
+    run = tmp_path / "run"
+    newest = run / "checkpoints" / f"step-{REFERENCE_STEPS:06d}"
+    shutil.copytree(reference_run / "checkpoints" / newest.name, newest)
+    (newest / "__0_0.distcp").write_bytes(b"")  # damaged
+    for name in ("metrics.jsonl", "loss.png"):
+        shutil.copy(reference_run / name, run / name)
+    earlier = (run / "metrics.jsonl").read_bytes()
+    result = ok(run_cli([*FP32_SMALL, "--train.max_steps", "4", "--checkpoint.keep_last", "1",
+                         "--run.output_dir", str(run)], nproc=0))  # fmt: skip
+    warnings = [line.split(" WARNING ", 1)[1] for line in result.stderr.splitlines() if " WARNING " in line]
+    skipped = f"fsdp.checkpoint: skipping damaged checkpoint {newest.name}: {newest / '__0_0.distcp'} is truncated"
+    assert len(warnings) == 3 and warnings[0].startswith(skipped) and warnings[0].endswith("; trying an older one")
+    assert warnings[1:] == [
+        f"fsdp.checkpoint: no intact checkpoint left in {run / 'checkpoints'}: this run starts from the pretrained "
+        "weights at step 0",
+        f"launch.train: {run}: no checkpoint to resume, so this run starts from the pretrained weights at step 0; the "
+        "records of an earlier start there are kept as metrics.earlier-1.jsonl, loss.earlier-1.png",
+    ], warnings
+    assert (run / "metrics.earlier-1.jsonl").read_bytes() == earlier
+    assert metrics_steps(run) == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_record_cut_short_by_a_kill_is_dropped_with_a_warning_by_resume_and_plot(reference_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", run / "checkpoints")
+    shutil.rmtree(run / "checkpoints" / f"step-{REFERENCE_STEPS:06d}")  # resume from step 20
+    lines = (reference_run / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= 22]
+    cut = lines[len(kept)][:25]  # the record of step 23, as a kill mid-write leaves it: no closing brace, no newline
+    (run / "metrics.jsonl").write_text("\n".join(kept) + "\n" + cut)
+    from launch.plot import main as plot_main
+
+    assert plot_main([str(run), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    said = f"metrics.jsonl:{len(kept) + 1}: dropped an unreadable record (cut short: the run was stopped while writing"
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and said in dropped[0], dropped
+    result = ok(run_cli([*REFERENCE, "--run.output_dir", str(run)], nproc=2))
+    assert result.stderr.count(said) == 1 and "JSONDecodeError" not in result.stderr
+    assert metrics_steps(run) == list(range(1, REFERENCE_STEPS + 1))
+    expected, got = load_final(reference_run), load_final(run)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_says_one_line_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(launch_command([*TINY, "--run.output_dir", str(run)], 0), cwd=ROOT, env=launch_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # torch's libraries mapped: the import of torch (then transformers) is under way, seconds before main() starts
+    wait_for(lambda: "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(), timeout=60)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["shardtune: interrupted during start-up; nothing was written"]
+    assert not run.exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
@@ -387,11 +513,13 @@ def test_a_full_disk_says_so_keeps_the_earlier_checkpoint_and_the_run_resumes(sm
 
 
 @pytest.mark.slow
-def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
+def test_a_frozen_rank_is_named_by_the_heartbeat_and_ends_the_job_within_the_collective_timeout(tmp_path):
     """Two ranks with no agent (torchrun would add its own 30 s SIGTERM-to-SIGKILL grace before it reaps the frozen
-    rank); rank 1 is frozen with SIGSTOP and rank 0 must end within the configured timeout, saying so."""
+    rank); rank 1 is frozen with SIGSTOP: after --run.heartbeat_s rank 0 logs the step and the silent rank, and it
+    ends within the configured timeout, saying so."""
     run = tmp_path / "run"
-    args = [*FP32_SMALL, "--train.max_steps", "400", "--run.collective_timeout_s", "5", "--run.output_dir", str(run)]
+    args = [*FP32_SMALL, "--train.max_steps", "400", "--run.collective_timeout_s", "8", "--run.heartbeat_s", "1",
+            "--run.output_dir", str(run)]  # fmt: skip
     job = ForkedRun(args, 2, log=tmp_path / "ranks.log")
     rank0 = job.processes[0]
     try:
@@ -403,9 +531,13 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=60)
-    line = next(x for x in (tmp_path / "ranks.log").read_text().splitlines() if "stopped responding" in x)
-    assert status == 1 and ended < 5 + 10, (status, ended)
-    assert line.startswith("shardtune: rank 0: step ") and "--run.collective_timeout_s=5" in line
+    lines = (tmp_path / "ranks.log").read_text().splitlines()
+    line = next(x for x in lines if "stopped responding" in x)
+    assert status == 1 and ended < 8 + 10, (status, ended)
+    assert line.startswith("shardtune: rank 0: step ") and "--run.collective_timeout_s=8" in line
+    # the heartbeat named the silent rank and the step long before the timeout
+    heartbeat = next(x for x in lines if "heartbeat: step " in x)
+    assert "no word from rank 1 (" in heartbeat and lines.index(heartbeat) < lines.index(line), heartbeat
 
 
 # ---------------------------------------------------------------- checkpoints load plain data only; permissions

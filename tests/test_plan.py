@@ -66,3 +66,19 @@ def test_a_plan_runs_offline_in_seconds(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fits" in result.stdout.splitlines()[0]
     assert json.loads((tmp_path / "p.json").read_text())["plan_seconds"] < 10 and elapsed < 20, elapsed
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gpus-per-node", "0"], "--gpus-per-node=0: a plan needs at least one"),
+        (["--nodes", "-1"], "--nodes=-1: a plan needs at least one"),
+        (["--mfu", "1.5"], "--mfu=1.5 must be in (0, 1]"),
+    ],
+)
+def test_an_impossible_machine_count_is_one_line_not_a_traceback(flags, message, capsys):
+    from launch.plan import main
+
+    assert main(["--config", "recipes/llama2-7b-chat-full.yaml", *flags, "--no-dtensor-check"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"shardtune plan: {message}"), lines

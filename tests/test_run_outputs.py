@@ -126,16 +126,25 @@ def test_an_unreachable_hub_fails_in_seconds_and_says_what_to_do(monkeypatch, tm
 def test_a_run_writes_curves_summary_record_and_progress_lines_and_no_secret(tmp_path):
     from PIL import Image
 
-    out, secret = tmp_path / "run", "hf_SECRETtoken1234567890"
+    # Both tokens (HF_TOKEN's, and the one --model.hf_token_file holds) also occur inside the output path: every
+    # value that holds the path (config.yaml, run.json, _name_or_path in final/, wandb's config) must mask them.
+    secret, file_secret = "hf_SECRETtoken1234567890", "hf_FILEtoken0987654321"
+    out = tmp_path / f"team-{file_secret}" / f"run-{secret}"
+    token_file = tmp_path / "token"
+    token_file.write_text(file_secret + "\n")
     wandb = importlib.util.find_spec("wandb") is not None  # the GPU image (make gpu-rehearsal) has no wandb
     args = [*FP32_SMALL, "--train.max_steps", "6", "--train.eval_every", "3", "--train.log_every_s", "0",
             "--train.log_every_steps", "2", "--run.trackers", "[jsonl,wandb]" if wandb else "[jsonl]",
-            "--run.output_dir", str(out)]  # fmt: skip
+            "--model.hf_token_file", str(token_file), "--run.output_dir", str(out)]  # fmt: skip
     result = ok(run_cli(args, nproc=0, env={"HF_TOKEN": secret, "WANDB_MODE": "offline"}))
     assert not wandb or list((out / "wandb").glob("offline-run-*")), "no offline wandb run was written"
-    assert secret not in result.stdout + result.stderr
-    for path in out.rglob("*"):
-        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert {"config.yaml", "run.json", "summary.json", "metrics.jsonl", "config.json"} <= {p.name for p in written}
+    for token in (secret, file_secret):
+        assert token not in result.stdout + result.stderr
+        for path in written:
+            assert token.encode() not in path.read_bytes(), path
+    assert "run-***" in (out / "config.yaml").read_text()  # masked, not dropped
     progress = [line.split("launch.progress: ")[1].split(" | ")[0] for line in result.stderr.splitlines()
                 if "launch.progress: step" in line]  # fmt: skip
     assert progress == ["step 2/6", "step 4/6", "step 6/6"]  # stderr is a pipe here: lines, not a bar

@@ -43,8 +43,8 @@ __all__ = ["IGNORE_INDEX", "DataError", "GlobalBatchSampler", "TokenizedData", "
            "build_tokenized", "collate", "encode_prompt", "plan_packing"]  # fmt: skip
 log = logging.getLogger("launch.data")
 # Bump when tokenization changes: cache entries written by older code must not be reused.
-# v5: parts of memory-mapped arrays (ids, supervised mask, offsets) instead of an Arrow dataset
-TOKENIZATION_VERSION = "v5"
+# v5: parts of memory-mapped arrays (ids, supervised mask, offsets) instead of an Arrow dataset; v6: answer counts
+TOKENIZATION_VERSION = "v6"
 # A token covers at most this many characters in practice: text beyond max_length x this is never needed.
 CHARS_PER_TOKEN_BOUND = 32
 # The data settings that decide an entry's content (the split, packing and memory do not).
@@ -86,6 +86,12 @@ def build_tokenized(data: DataConfig, backbone: LLMBackbone, split: str, packing
         raise DataError(f"{path}: the dataset is empty; expected at least one example")
     if len(examples) == 0:
         raise DataError(f"{path}: every example is longer than --data.max_length={data.max_length}")
+    if counts.get("answers") and counts["answers"] == counts.get("empty_answers"):
+        raise DataError(f"{path}: every assistant answer is empty ({counts['answers']} answers in {counts['rows']} "
+                        "rows); nothing would be learned but to stop")  # fmt: skip
+    if counts.get("empty_answers"):
+        log.warning("%s: %d of %d assistant answers are empty (the model learns to stop at once there)", path,
+                    counts["empty_answers"], counts["answers"])  # fmt: skip
     if counts["supervised"] == 0:
         raise DataError(f"{path}: no example has a supervised token (every answer is empty or cut off by "
                         f"--data.max_length={data.max_length}); nothing would be learned")  # fmt: skip
@@ -104,9 +110,10 @@ def encoder(data: DataConfig, builder, tokenizer) -> Encoder:
     max_chars = CHARS_PER_TOKEN_BOUND * data.max_length
 
     def encode(rows):
-        prompts = []
+        prompts, answers = [], []
         for row, place in rows:
             conversation = row_to_conversation(row, data, place)  # 2
+            answers += [answer for _, answer in conversation.turns]
             if conversation.text is not None:  # 3
                 prompts.append(builder.build_text(conversation.text))
             else:
@@ -118,6 +125,6 @@ def encoder(data: DataConfig, builder, tokenizer) -> Encoder:
             long = len(ids) > data.max_length or size > max_chars
             if not (long and data.overlong == "drop"):
                 kept.append((ids, labels, long))
-        return kept, chars
+        return kept, chars, {"answers": len(answers), "empty_answers": sum(not a.strip() for a in answers)}
 
     return encode

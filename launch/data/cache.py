@@ -41,9 +41,11 @@ ARRAYS = {"ids": np.int32, "supervised": np.uint8, "offsets": np.int64, "overlon
 # encodings (ids, offsets, token strings) and the labels (measured: ~25 on the tiny and LLaMA-2 tokenizers).
 BYTES_PER_CHAR = 40
 MAX_BATCH_ROWS = 1000
+COUNTS = ("rows", "examples", "tokens", "supervised", "overlong")  # what every part and entry counts
 
-# (rows of one batch) -> (ids, labels, overlong) per kept example, and the characters of text the batch held
-Encoder = Callable[[list[Row]], tuple[list[tuple[list[int], list[int], bool]], int]]
+# (rows of one batch) -> (ids, labels, overlong) per kept example, the characters of text the batch held, and counts
+# the encoder keeps of its own (summed per part and entry, e.g. answers)
+Encoder = Callable[[list[Row]], tuple[list[tuple[list[int], list[int], bool]], int, dict[str, int]]]
 
 
 class TokenizingStopped(Exception):
@@ -59,20 +61,22 @@ def batch_chars(memory_mib: int) -> int:
     return max(2**20, int((memory_mib - rss_mib()) * 2**20 / BYTES_PER_CHAR))
 
 
-def batches(rows: Iterator[Row], encode: Encoder, budget_chars: int) -> Iterator[tuple[list, int]]:
-    """(encoded examples, rows read) per batch of `rows`: up to MAX_BATCH_ROWS rows, fewer when rows are long (the
-    row count adapts to the largest characters-per-row seen, so that a batch stays within `budget_chars`)."""
+def batches(rows: Iterator[Row], encode: Encoder, budget_chars: int) -> Iterator[tuple[list, int, dict]]:
+    """(encoded examples, rows read, the encoder's counts) per batch of `rows`: up to MAX_BATCH_ROWS rows, fewer when
+    rows are long (the row count adapts to the largest characters-per-row seen, so that a batch stays within
+    `budget_chars`)."""
     size, per_row, batch = 64, 1, []
     for row in rows:
         batch.append(row)
         if len(batch) >= size:
-            examples, chars = encode(batch)
+            examples, chars, counts = encode(batch)
             per_row = max(per_row, chars // len(batch) + 1)
             size = max(1, min(MAX_BATCH_ROWS, budget_chars // per_row))
-            yield examples, len(batch)
+            yield examples, len(batch), counts
             batch = []
     if batch:
-        yield encode(batch)[0], len(batch)
+        examples, _, counts = encode(batch)
+        yield examples, len(batch), counts
 
 
 def build_part(part: Part, encode: Encoder, entry: Path, max_length: int, memory_mib: int) -> dict:
@@ -80,13 +84,15 @@ def build_part(part: Part, encode: Encoder, entry: Path, max_length: int, memory
     final, tmp = entry / part_name(part.index), entry / f".{part_name(part.index)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = {"rows": 0, "examples": 0, "tokens": 0, "supervised": 0, "overlong": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     files = {name: (tmp / f"{name}.bin").open("wb") for name in ARRAYS}
     np.zeros(1, np.int64).tofile(files["offsets"])
     end = 0
     try:
-        for encoded, rows in batches(part.rows(), encode, batch_chars(memory_mib)):
+        for encoded, rows, extra in batches(part.rows(), encode, batch_chars(memory_mib)):
             counts["rows"] += rows
+            for key, value in extra.items():
+                counts[key] = counts.get(key, 0) + value
             if not encoded:
                 continue
             flat_ids, flat_labels, lengths = [], [], []
@@ -186,8 +192,8 @@ def build_entry(source: Source, encode: Encoder, entry: Path, max_length: int, m
             _JOB = None
     progress.close()
     manifest = {"parts": [{"name": part_name(i), **counts[i]} for i in sorted(counts)]}
-    for key in ("rows", "examples", "tokens", "supervised", "overlong"):
-        manifest[key] = sum(part[key] for part in manifest["parts"])
+    for key in sorted({key for part in manifest["parts"] for key in part if key != "name"} | set(COUNTS)):
+        manifest[key] = sum(part.get(key, 0) for part in manifest["parts"])
     (entry / f".{MANIFEST}.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(entry / f".{MANIFEST}.tmp", entry / MANIFEST)
     return manifest
@@ -203,7 +209,8 @@ def write_entry(entry: Path, examples: list[tuple[list[int], list[int]]]) -> Tok
     rows = [(example, None) for example in examples]
     source = Source("in-memory", [Part(0, len(rows), lambda: iter(rows))], "", "rows")
     longest = max((len(ids) for ids, _ in examples), default=1)
-    build_entry(source, lambda batch: ([(ids, labels, False) for (ids, labels), _ in batch], 0), entry, longest, 2048)
+    build_entry(source, lambda batch: ([(ids, labels, False) for (ids, labels), _ in batch], 0, {}), entry, longest,
+                2048)  # fmt: skip
     return TokenizedExamples(entry)
 
 

@@ -200,7 +200,10 @@ def parquet_source(name: str, files: list[Path]) -> Source:
         try:
             metadata = pq.ParquetFile(path).metadata
         except Exception as error:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for a damaged file
-            raise DataError(f"{path}: not a readable parquet file ({str(error).strip().splitlines()[0]})") from None
+            raise DataError(
+                f"{path}: not a readable parquet file ({str(error).strip().splitlines()[0]}); "
+                "--data.path takes parquet files as pyarrow, pandas or datasets write them"
+            ) from None
         first = 0
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
