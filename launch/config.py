@@ -30,8 +30,29 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`): a file or Hub id with its own format, fields, split and eval data,
+    and either a weight (its share of the mixture's tokens) or a number of passes per epoch. Unset fields take the
+    data section's values."""
+
+    path: str = ""  # .jsonl/.json/.parquet file, glob, parquet directory, or Hub dataset id
+    name: Optional[str] = None  # in metrics (tokens/NAME, eval_loss/NAME) and the summary; default: the file's stem
+    weight: Optional[float] = None  # share of the mixture's tokens (normalised over the weighted sources)
+    epochs: Optional[float] = None  # or: passes over this source per epoch of the mixture (2: every example twice)
+    eval_path: Optional[str] = None  # this source's eval file or Hub id (default: none, or eval_split of a Hub id)
+    format: Optional[str] = None
+    split: Optional[str] = None
+    eval_split: Optional[str] = None
+    instruction_field: Optional[str] = None
+    input_field: Optional[str] = None
+    output_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    text_field: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    """The SFT data: file or Hub id, its format, the fields, length and packing."""
+    """The SFT data: file or Hub id (or a weighted mixture of several), its format, the fields, length and packing."""
 
     path: str = "bundled"  # .jsonl/.json/.parquet file, a Hub dataset id, or `bundled`
     eval_path: Optional[str] = None  # eval file or Hub id; `bundled` data brings its own eval split
@@ -49,6 +70,9 @@ class DataConfig:
     # Peak resident memory of each tokenizing process (the cache is built by up to 8 of them): their batches are sized
     # to stay under it, whatever the dataset's size.
     tokenize_memory_mb: int = 2048
+    # A mixture instead of `path`: a list of sources (see SourceConfig), in a recipe as
+    #   sources: [{path: chat.jsonl, weight: 0.7}, {path: code.parquet, weight: 0.3}, {path: gold.jsonl, epochs: 2}]
+    sources: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -226,7 +250,10 @@ def check_value(key: str, value: str) -> None:
             parsed = yaml.safe_load(value)
             if not isinstance(parsed, list):
                 raise ValueError
-            [item(v) for v in parsed]
+            if dataclasses.is_dataclass(item):
+                check_sources(parsed, f"--{key}")
+            else:
+                [item(v) for v in parsed]
     except (ValueError, TypeError, yaml.YAMLError):
         expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, f"a {kind}")
         if typing.get_origin(kind) is list:
@@ -254,6 +281,25 @@ def check_recipe_keys(path: str) -> None:
         for key in values:
             if f"{section}.{key}" not in field_types():
                 raise unknown_key(f"{section}.{key}", f" in {path}")
+        if section == "data" and values.get("sources") is not None:
+            check_sources(values["sources"], f"data.sources in {path}")
+
+
+SOURCE_KEYS = tuple(f.name for f in dataclasses.fields(SourceConfig))
+
+
+def check_sources(sources: object, where: str) -> None:
+    """`data.sources` is a list of {key: value} with SourceConfig's keys; a mistyped key gets the closest one."""
+    if not isinstance(sources, list):
+        raise ConfigError(f"{where}: expected a list of sources like [{{path: a.jsonl, weight: 0.7}}, ...]")
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where}[{i}]: expected {{path: ..., weight: ... or epochs: ...}}, found {source!r}")
+        for key in source:
+            if key not in SOURCE_KEYS:
+                close = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f"; a source takes {', '.join(SOURCE_KEYS)}"
+                raise ConfigError(f"unknown key {key} in source {i} of {where}{hint}")
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -312,6 +358,24 @@ def dump_config(config: Config) -> str:
     stream = io.StringIO()
     draccus.dump(config, stream)
     return redact(stream.getvalue())
+
+
+def source_name(source: SourceConfig) -> str:
+    """A source's name in metrics and the summary: its own, else its file's stem (a Hub id's last part)."""
+    if source.name:
+        return source.name
+    tail = source.path.rstrip("/").rsplit("/", 1)[-1].split("*")[0] or source.path.rstrip("/*")
+    for suffix in (".jsonl", ".json", ".parquet"):
+        tail = tail.removesuffix(suffix)
+    return tail or "source"
+
+
+def source_data(data: DataConfig, source: SourceConfig) -> DataConfig:
+    """The data section as one source sees it: its path and eval path, and its own values where it sets them."""
+    mixture_keys = ("path", "name", "weight", "epochs", "eval_path")
+    own = {f.name: getattr(source, f.name) for f in dataclasses.fields(SourceConfig)
+           if f.name not in mixture_keys and getattr(source, f.name) is not None}  # fmt: skip
+    return dataclasses.replace(data, path=source.path, eval_path=source.eval_path, sources=[], **own)
 
 
 def looks_local(path: str) -> bool:

@@ -271,17 +271,18 @@ def steps_per_epoch(config) -> int | None:
     """With local data and a local (or cached) tokenizer: the real tokenization and packing; else unknown."""
     from launch.config import looks_local
 
-    path = config.data.path
-    if path != "bundled" and not (looks_local(path) and Path(path).exists()):
+    paths = [source.path for source in config.data.sources] or [config.data.path]
+    if any(path != "bundled" and not (looks_local(path) and Path(path).exists()) for path in paths):
         return None
     try:
         from backbones import build_backbone
-        from launch.data import build_tokenized
+        from launch.data import Mixture, build_data
 
         backbone = build_backbone(config.model.backbone, path=config.model.path, load_weights=False)
-        rows = len(build_tokenized(config.data, backbone, "train").dataset)
+        data, _ = build_data(config.data, backbone, config.run.seed, with_eval=False)
     except OSError:  # no tokenizer offline: the Hub model is neither local nor cached
         return None
+    rows = data.dataset.items_per_epoch if isinstance(data.dataset, Mixture) else len(data.dataset)
     return rows // config.train.global_batch_size
 
 

@@ -83,7 +83,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def write_summary(run_dir: Path, wall_time_s: float, peak_gib: list[float], checkpoints: list[Path],
-                  final_dir: Path) -> dict:  # fmt: skip
+                  final_dir: Path, sources: dict[str, dict] | None = None) -> dict:  # fmt: skip
+    """summary.json from this run's records in metrics.jsonl; `sources` (a mixture's plan) adds, per source, the
+    tokens it got and their share of the input tokens beside the share it was meant to get."""
     steps, evals = read_records(run_dir)
     losses = [r["eval_loss"] for r in evals]
     best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
@@ -105,8 +107,17 @@ def write_summary(run_dir: Path, wall_time_s: float, peak_gib: list[float], chec
         "checkpoints": [str(p) for p in checkpoints],
         "final": str(final_dir),
     }
+    if sources:
+        total = max(1, summary["input_tokens"])
+        summary["sources"] = {}
+        for name, plan in sources.items():
+            real = sum(r.get(f"input_tokens/{name}", 0) for r in steps)
+            summary["sources"][name] = {**plan, "supervised_tokens": sum(r.get(f"tokens/{name}", 0) for r in steps),
+                                        "input_tokens": real, "token_share": round(real / total, 6)}  # fmt: skip
     summary = redact_tree(summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"  {key:<26} {value}" for key, value in summary.items() if key != "checkpoints"]
+    lines = [f"  {key:<26} {value}" for key, value in summary.items() if key not in ("checkpoints", "sources")]
+    lines += [f"  source {name:<19} {100 * got['token_share']:.1f}% of the tokens (meant: "
+              f"{100 * got['target_share']:.1f}%)" for name, got in summary.get("sources", {}).items()]  # fmt: skip
     log.info("run summary (%s):\n%s", run_dir / "summary.json", "\n".join(lines))
     return summary

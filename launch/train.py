@@ -67,7 +67,15 @@ from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
 from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
-from launch.data import DataError, GlobalBatchSampler, TokenizedData, TokenizingStopped, batch_layout, build_tokenized
+from launch.data import (
+    DataError,
+    GlobalBatchSampler,
+    Mixture,
+    TokenizedData,
+    TokenizingStopped,
+    batch_layout,
+    build_data,
+)
 from launch.export import export_model
 from launch.flops import build_flop_counter, peak_bf16_flops
 from launch.lifecycle import (
@@ -107,7 +115,7 @@ class Prepared:
     config: Config
     backbone: HFCausalLLMBackbone
     train_data: TokenizedData
-    eval_data: TokenizedData | None
+    eval_data: dict[str, TokenizedData]  # by source name ("" for --data.path's eval split)
     attn: str
     hf_extras: Callable[[Path], None]  # writes config, generation config and tokenizer of an HF directory
     checkpoints: CheckpointManager
@@ -145,10 +153,9 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     if problems := lora_target_problems(backbone, lora):
         raise ConfigError(f"invalid configuration: {problems[0]}")
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
-    train_data = build_tokenized(config.data, backbone, "train", should_stop=should_stop)
+    train_data, eval_data = build_data(config.data, backbone, config.run.seed, config.train.eval_every >= 0,
+                                       should_stop)  # fmt: skip
     check_fills_a_batch(train_data, config)
-    eval_data = (build_tokenized(config.data, backbone, "eval", packing=False, should_stop=should_stop)
-                 if has_eval(config) else None)  # fmt: skip
     # resume: the newest intact checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
     hf_extras = hf_extras_writer(config, backbone)
@@ -156,7 +163,7 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     replace = config.run.overwrite and (Path(config.run.output_dir) / "final").exists()  # its checkpoints will go
     resume_from = None if replace else checkpoints.select(config.run.resume)
     if resume_from is not None:
-        check_resume_within_steps(resume_from, config, len(train_data.dataset))
+        check_resume_within_steps(resume_from, config, items_per_epoch(train_data))
     return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace, lora)
 
 
@@ -173,10 +180,11 @@ def check_resume_within_steps(checkpoint: Path, config: Config, items: int) -> N
 
 
 def check_fills_a_batch(data: TokenizedData, config: Config) -> None:
-    rows, batch = len(data.dataset), config.train.global_batch_size
+    rows, batch = items_per_epoch(data), config.train.global_batch_size
     if rows < batch:
         unit = f"packed rows of {config.data.max_length} tokens" if data.packed else "examples"
-        raise DataError(f"--data.path={config.data.path}: {rows} {unit} cannot fill one global batch of {batch}; "
+        what = "data.sources: an epoch of the mixture's" if config.data.sources else f"--data.path={config.data.path}:"
+        raise DataError(f"{what} {rows} {unit} cannot fill one global batch of {batch}; "
                         "lower --train.global_batch_size or add data")  # fmt: skip
 
 
@@ -250,8 +258,9 @@ def stopped_while_preparing(signum: int, argv: list[str]) -> int:
     return EXIT_PREEMPTED
 
 
-def has_eval(config: Config) -> bool:
-    return config.train.eval_every >= 0 and (config.data.eval_path is not None or config.data.path == "bundled")
+def items_per_epoch(data: TokenizedData) -> int:
+    """A mixture's epoch (its sources' shares); otherwise every item once."""
+    return data.dataset.items_per_epoch if isinstance(data.dataset, Mixture) else len(data.dataset)
 
 
 def config_digest(config: Config) -> str:
@@ -311,7 +320,9 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     data = prepared.train_data
     # padded micro-batches are sorted by length
     lengths = data.dataset.lengths if layout == "padded" else None
-    sampler = GlobalBatchSampler(len(data.dataset), train.global_batch_size, config.run.seed, lengths)
+    mixture = data.dataset if isinstance(data.dataset, Mixture) else None
+    sampler = GlobalBatchSampler(items_per_epoch(data), train.global_batch_size, config.run.seed, lengths,
+                                 mixture.order if mixture else None)  # fmt: skip
     total_steps = train.max_steps or train.epochs * sampler.steps_per_epoch
     # The schedule before the load: building it writes the step-0 learning rate into the optimizer, which the
     # checkpoint's optimizer state must then overwrite, not the other way round.
@@ -380,7 +391,8 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     peaks = all_gather_object(peak_memory_gib(env.device))
     if is_rank0():
         saved = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
-        write_summary(run_dir, time.monotonic() - started, peaks, saved, run_dir / "final")
+        write_summary(run_dir, time.monotonic() - started, peaks, saved, run_dir / "final",
+                      mixture.plan() if mixture else None)  # fmt: skip
     log.info("done: %s", run_dir / "final")
     return trainer
 

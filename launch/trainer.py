@@ -17,7 +17,7 @@ from torch import nn
 from backbones.loss import cross_entropy_sum
 from fsdp import DistEnv, Heartbeat, all_reduce_sum, clip_grad_norm_, is_rank0, set_gradient_sync
 from launch.config import TrainConfig
-from launch.data import IGNORE_INDEX, GlobalBatchSampler, TokenizedData, collate
+from launch.data import IGNORE_INDEX, GlobalBatchSampler, Mixture, TokenizedData, micro_batch
 from launch.flops import FlopCounter
 from launch.metrics import MetricsWriter, Progress
 
@@ -55,6 +55,17 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def source_tokens(mixture: Mixture, indices: list[int]) -> list[int]:
+    """This rank's supervised tokens per source, then its input tokens per source, for `indices` (global items)."""
+    k = len(mixture.names)
+    counts = [0] * (2 * k)
+    for index in indices:
+        i = mixture.source_of(index)
+        counts[i] += mixture.supervised_count(index)
+        counts[k + i] += int(mixture.lengths[index])
+    return counts
+
+
 @dataclass
 class Trainer:
     """The loop and what it uses; everything is built by the caller (`launch.train`)."""
@@ -67,7 +78,7 @@ class Trainer:
     sampler: GlobalBatchSampler
     total_steps: int
     train_data: TokenizedData
-    eval_data: TokenizedData | None
+    eval_data: dict[str, TokenizedData]  # by source name; "" is --data.path's eval split
     pad_id: int
     metrics: MetricsWriter
     layout: str = "padded"  # padded | packed | flat (see launch.data.collate)
@@ -86,11 +97,9 @@ class Trainer:
 
     def batch(self, data: TokenizedData, indices: list[int]) -> tuple[dict[str, torch.Tensor | int], list[int]]:
         """The micro-batch on the device, and the lengths of its examples (real tokens, no padding)."""
-        examples = [data.dataset[i] for i in indices]
         layout = self.layout if self.layout == "flat" or data.packed else "padded"
         # Under torch.compile, widths come in buckets of 64 so that shapes repeat and nothing recompiles.
-        batch = collate(examples, self.pad_id, layout, bucket=64 if self.train.compile else 1)
-        lengths = [n for e in examples for n in (e.get("lengths") or [len(e["input_ids"])])]
+        batch, lengths = micro_batch(data.dataset, indices, self.pad_id, layout, bucket=64 if self.train.compile else 1)
         device = self.env.device
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}, lengths
 
@@ -104,8 +113,10 @@ class Trainer:
         local_inputs = sum(n for group in lengths for n in group)
         local_padding = sum(b["input_ids"].numel() for b in batches) - local_inputs
         local_flops = self.flops.step_flops(n for group in lengths for n in group) if self.flops else 0.0
-        tokens, inputs, padding, flops = all_reduce_sum(
-            [local_tokens, local_inputs, local_padding, local_flops], self.env.device
+        mixture = self.train_data.dataset if isinstance(self.train_data.dataset, Mixture) else None
+        per_source = source_tokens(mixture, [i for indices in micro for i in indices]) if mixture else []
+        tokens, inputs, padding, flops, *per_source = all_reduce_sum(
+            [local_tokens, local_inputs, local_padding, local_flops, *per_source], self.env.device
         )
         loss_sum = torch.zeros((), device=self.env.device)
         for k, batch in enumerate(batches):
@@ -135,6 +146,10 @@ class Trainer:
             "tokens_per_s": inputs / elapsed,
             "step_time_s": elapsed,
         }
+        if mixture:  # each source's supervised and input tokens in this global batch
+            k = len(mixture.names)
+            for name, supervised, real in zip(mixture.names, per_source[:k], per_source[k:]):
+                record[f"tokens/{name}"], record[f"input_tokens/{name}"] = int(supervised), int(real)
         if flops:
             record["tflops"] = flops / elapsed / self.env.world_size / 1e12  # per device
             if self.peak_flops:
@@ -142,10 +157,10 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted eval loss over the whole eval split, all ranks together. Every rank runs the same number of
-        forward passes (FSDP gathers are collectives); a rank with no examples left runs a fully masked batch."""
-        data = self.eval_data
+    def evaluate(self, data: TokenizedData) -> tuple[float, float]:
+        """(summed token loss, supervised tokens) over a whole eval split, all ranks together. Every rank runs the
+        same number of forward passes (FSDP gathers are collectives); a rank with no examples left runs a fully masked
+        batch."""
         self.model.eval()
         mb, n = self.train.micro_batch_size, len(data.dataset)
         per_round = mb * self.env.world_size
@@ -160,13 +175,13 @@ class Trainer:
             token_sum += supervised_tokens(batch)
         self.model.train()
         total_loss, total_tokens = all_reduce_sum([loss_sum, token_sum], self.env.device)
-        return total_loss / max(total_tokens, 1.0)
+        return total_loss, total_tokens
 
     def fit(self, on_step_end: Callable[[Trainer], None] | None = None) -> None:
         """Train to `total_steps`. `on_step_end` (checkpointing, signals) runs after every step; it stops training
         by raising."""
         eval_every = self.train.eval_every
-        evaluating = self.eval_data is not None and eval_every >= 0
+        evaluating = bool(self.eval_data) and eval_every >= 0
         bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
         gc_every = self.train.gc_every_steps
         heartbeat = Heartbeat(self.heartbeat_s)
@@ -192,7 +207,14 @@ class Trainer:
                 bar.close()
 
     def log_eval(self) -> None:
-        eval_loss = self.evaluate()
+        """eval_loss over every eval split together (token-weighted); with a mixture's sources also each one's,
+        as eval_loss/NAME."""
+        results = {name: self.evaluate(data) for name, data in self.eval_data.items()}
+        loss_sum, tokens = (sum(values) for values in zip(*results.values()))
+        eval_loss = loss_sum / max(tokens, 1.0)
         perplexity = math.exp(min(eval_loss, 50))
-        self.metrics.log({"step": self.step, "eval_loss": eval_loss, "eval_perplexity": perplexity})
-        log.info("step %d: eval loss %.4f (perplexity %.2f)", self.step, eval_loss, perplexity)
+        record = {"step": self.step, "eval_loss": eval_loss, "eval_perplexity": perplexity}
+        record.update({f"eval_loss/{name}": s / max(n, 1.0) for name, (s, n) in results.items() if name})
+        self.metrics.log(record)
+        per_source = "".join(f", {name} {s / max(n, 1.0):.4f}" for name, (s, n) in results.items() if name)
+        log.info("step %d: eval loss %.4f (perplexity %.2f)%s", self.step, eval_loss, perplexity, per_source)

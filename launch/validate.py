@@ -12,7 +12,7 @@ from pathlib import Path
 
 from backbones.registry import BACKBONES
 from launch.attention import IMPLEMENTATIONS
-from launch.config import Config, ConfigError, LoraSection, looks_local
+from launch.config import Config, ConfigError, LoraSection, looks_local, source_name
 
 CHOICES = {
     ("model", "attn_implementation"): IMPLEMENTATIONS,
@@ -82,7 +82,7 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
             problems.append(f"--fsdp.sharding=hybrid needs equal processes per node; world {world_size}, local {local}")
     if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
         problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
-    problems += stage_problems(config) + size_problems(config)
+    problems += stage_problems(config) + size_problems(config) + mixture_problems(config, check_paths)
     problems += optimizer_problems(config) + (
         path_problems(config) + accelerate_problems(config) if check_paths else []
     )
@@ -121,6 +121,44 @@ def size_problems(config: Config) -> list[str]:
                         f"{train.log_every_steps} must be >= 0 (0: off)")  # fmt: skip
     if not positive(config.checkpoint.timeout_s):
         problems.append(f"--checkpoint.timeout_s={config.checkpoint.timeout_s} must be > 0")
+    return problems
+
+
+def mixture_problems(config: Config, check_paths: bool = True) -> list[str]:
+    """data.sources: each source a path with a weight or an epoch count (not both), unique names, known formats."""
+    data, problems = config.data, []
+    if not data.sources:
+        return []
+    if data.path != "bundled" or data.eval_path is not None:
+        problems.append(f"data.sources and --data.path={data.path}"
+                        f"{f' / --data.eval_path={data.eval_path}' if data.eval_path else ''} both name training "
+                        "data; give the sources (each with its own eval_path), or one --data.path")  # fmt: skip
+    names: dict[str, int] = {}
+    for i, source in enumerate(data.sources):
+        where = f"data.sources[{i}]"
+        if not source.path.strip():
+            problems.append(f"{where}: path is empty; give a file, glob, parquet directory or Hub dataset id")
+            continue
+        given = [key for key in ("weight", "epochs") if getattr(source, key) is not None]
+        if len(given) != 1:
+            problems.append(f"{where} ({source.path}): give either weight (a share of the mixture's tokens) or epochs "
+                            f"(passes per epoch), {'not both' if given else 'one of them'}")  # fmt: skip
+        for key in given:
+            if not positive(getattr(source, key)):
+                problems.append(f"{where}.{key}={getattr(source, key)} must be a positive number")
+        if source.format is not None and source.format not in CHOICES[("data", "format")]:
+            problems.append(f"{where}.format={source.format} is not valid; choose one of "
+                            f"{', '.join(CHOICES[('data', 'format')])}")  # fmt: skip
+        for key in ("path", "eval_path"):
+            path = getattr(source, key)
+            if check_paths and path and looks_local(path) and not local_data_exists(path):
+                problems.append(f"{where}.{key}={path}: no such file" + (" matches the pattern" if "*" in path else ""))
+        name = source_name(source)
+        if name in names:
+            problems.append(f"{where} and data.sources[{names[name]}] are both named '{name}'; give each a name")
+        elif not all(c.isalnum() or c in "-_." for c in name):
+            problems.append(f"{where}.name={name}: use letters, digits, '-', '_' or '.' (it names metrics)")
+        names.setdefault(name, i)
     return problems
 
 

@@ -200,15 +200,16 @@ def test_a_source_in_many_parts_tokenizes_in_workers_to_the_same_examples(tiny_b
 
 def test_a_stopped_tokenization_keeps_its_parts_and_the_next_run_builds_only_the_rest(tiny_backbone, tmp_path,
                                                                                        monkeypatch):  # fmt: skip
-    from launch.data import TokenizingStopped, cache, sources
+    import launch.data
+    from launch.data import TokenizingStopped, sources, workers
 
     path = write_jsonl(tmp_path / "d.jsonl", many_rows(600))
     monkeypatch.setattr(sources, "MIN_PART_BYTES", 4096)
-    monkeypatch.setattr(cache.os, "cpu_count", lambda: 1)  # parts in turn, in this process
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 1)  # parts in turn, in this process
     monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "home"))
     built = []
-    real_build_part = cache.build_part
-    monkeypatch.setattr(cache, "build_part", lambda part, *a: built.append(part.index) or real_build_part(part, *a))
+    real = launch.data.tokenize_part
+    monkeypatch.setattr(launch.data, "tokenize_part", lambda part, *a: built.append(part.index) or real(part, *a))
     asked = iter([False, False, False, True])  # a signal arrives while the 4th part is due
     with pytest.raises(TokenizingStopped):
         build_tokenized(DataConfig(path=path), tiny_backbone, "train", should_stop=lambda: next(asked))
@@ -222,11 +223,11 @@ def test_a_stopped_tokenization_keeps_its_parts_and_the_next_run_builds_only_the
 
 
 def test_tokenizing_in_a_log_file_shows_progress_with_rate_and_eta(tiny_backbone, tmp_path, monkeypatch, caplog):
-    from launch.data import cache, sources
+    from launch.data import sources, workers
 
     monkeypatch.setattr(sources, "MIN_PART_BYTES", 4096)
-    monkeypatch.setattr(cache.os, "cpu_count", lambda: 1)
-    monkeypatch.setattr(cache.BuildProgress, "every_s", 0.0)  # a line per part
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(workers.BuildProgress, "every_s", 0.0)  # a line per part
     monkeypatch.setenv("SHARDTUNE_HOME", str(tmp_path / "home"))
     with caplog.at_level(logging.INFO, logger="launch.data"):
         build_tokenized(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", many_rows(300))), tiny_backbone, "train")

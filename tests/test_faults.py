@@ -185,6 +185,28 @@ REFUSALS = {
         lambda t, m: [*out(t), "--data.path", long_question(t), "--data.packing", "true", "--data.max_length", "64"],
         "--data.max_length=64",
     ),
+    "source_with_a_weight_and_epochs": (
+        lambda t, m: [*out(t), "--data.sources", f"[{{path: {chat_file(t, 40)}, weight: 1, epochs: 2}}]"],
+        "d.jsonl): give either weight (a share of the mixture's tokens) or epochs (passes per epoch), not both",
+    ),
+    "typo_in_a_source": (
+        lambda t, m: [
+            "--config",
+            str(write(t / "r.yaml", "data:\n  sources:\n    - {path: a.jsonl, wieght: 1}\n")),
+            *out(t),
+        ],  # fmt: skip
+        "unknown key wieght in source 0 of data.sources in",
+    ),
+    "sources_and_a_data_path": (
+        lambda t, m: [
+            *out(t),
+            "--data.path",
+            chat_file(t, 40),
+            "--data.sources",
+            f"[{{path: {chat_file(t, 40)}, weight: 1}}]",
+        ],  # fmt: skip
+        "data.sources and --data.path=",
+    ),
     "resume_never_over_checkpoints": (
         lambda t, m: [*out(unfinished_run(t)), "--run.resume", "never"],
         "--run.resume=never: --run.output_dir=",

@@ -3,6 +3,7 @@ side (the first thing to check when labels look wrong).
 
     python -m launch.data --config recipes/tiny-full.yaml --show 2
     python -m launch.data --config RECIPE --show 1 --index 123 --split eval [--section.key value ...]
+    python -m launch.data --config MIXTURE_RECIPE --source NAME --show 2    (default: the first of data.sources)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.config import ConfigError, parse_config
+from launch.config import ConfigError, parse_config, source_data, source_name
 
 
 def show(examples, tokenizer, indices: list[int], out=sys.stdout) -> None:
@@ -35,14 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", type=int, default=1, help="how many examples to print")
     parser.add_argument("--index", type=int, default=0, help="the first example to print")
     parser.add_argument("--split", choices=["train", "eval"], default="train")
+    parser.add_argument("--source", default=None, help="with data.sources: which source (by name)")
     args, rest = parser.parse_known_args(argv)
     from backbones import build_backbone
     from launch.data import DataError, build_tokenized
 
     try:
         config = parse_config(rest)
+        data = config.data
+        if data.sources:
+            names = [source_name(source) for source in data.sources]
+            if args.source not in (None, *names):
+                raise ConfigError(f"--source {args.source} is not a source of this recipe; its sources: "
+                                  f"{', '.join(names)}")  # fmt: skip
+            data = source_data(data, data.sources[names.index(args.source or names[0])])
         backbone = build_backbone(config.model.backbone, path=config.model.path, load_weights=False)
-        examples = build_tokenized(config.data, backbone, args.split, packing=False).dataset
+        examples = build_tokenized(data, backbone, args.split, packing=False).dataset
     except (ConfigError, DataError, OSError) as error:
         print(f"shardtune data: {error}", file=sys.stderr)
         return 2
