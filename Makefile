@@ -86,7 +86,7 @@ bench-train: install  ## tokens/s against a minimal FSDP2 loop and the HF Traine
 bench-load: install  ## load memory three ways (every rank, rank 0 + second model, streamed), save and export times
 	$(BIN)/python tests/bench/bench_load.py --nproc $(NPROC)
 
-bench-data: install  ## data preparation, old path vs Arrow batches, 2 ranks, 100k and 1M alpaca rows
+bench-data: install  ## data preparation on 2 ranks: old path vs now (100k, 1M alpaca rows); a 10M-row mixture vs datasets
 	$(BIN)/python tests/bench/bench_data.py
 
 gpu-wheels: install  ## download what gpu-check needs beyond the GPU image into .whl/ (needs network; CPython 3.12 wheels)
