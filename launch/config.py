@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class SourceConfig:
     name: Optional[str] = None  # in metrics (tokens/NAME, eval_loss/NAME) and the summary; default: the file's stem
     weight: Optional[float] = None  # share of the mixture's tokens (normalised over the weighted sources)
     epochs: Optional[float] = None  # or: passes over this source per epoch of the mixture (2: every example twice)
-    eval_path: Optional[str] = None  # this source's eval file or Hub id (default: none, or eval_split of a Hub id)
+    eval_path: Optional[str] = None  # this source's eval file or Hub id (with eval_split); default: no eval data
     format: Optional[str] = None
     split: Optional[str] = None
     eval_split: Optional[str] = None
@@ -141,6 +142,9 @@ class CheckpointConfig:
     keep_last: int = 2  # older complete checkpoints are deleted
     async_save: bool = False  # overlap the write with training (torch.distributed.checkpoint.async_save)
     timeout_s: float = 3600.0  # collective timeout while loading and saving (a 13B save to shared storage is slow)
+    # Also keep the best complete checkpoint by this metric, never deleted: eval_loss (lowest) or a generation metric,
+    # gen_exact_match or gen_contains (highest). Checkpoints are scored where that evaluation runs at the same step.
+    keep_best_by: Optional[str] = None
 
 
 @dataclass
@@ -158,6 +162,9 @@ class RunConfig:
     collective_timeout_s: float = 600.0
     # After rank 0 has waited this long in a step, it logs the step and the ranks it has not heard from (0: off).
     heartbeat_s: float = 60.0
+    # A torch.profiler trace per rank of steps A to B (1-based, inclusive), e.g. 3:5, into profile/ (on CUDA also a
+    # memory snapshot for pytorch.org/memory_viz); empty: off
+    profile_steps: str = ""
 
 
 @dataclass
@@ -169,12 +176,26 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Generation evals during training: greedy answers to held-out prompts, scored against their references."""
+
+    generate_every: int = 0  # steps between generation evals (also before training and at the last step); 0: off
+    # held-out conversations (a data file in --data.format; each one's last answer is the reference); default: the
+    # eval split, or each mixture source's eval data
+    generate_path: Optional[str] = None
+    generate_count: int = 32  # prompts per eval source: the first ones
+    max_new_tokens: int = 64  # decoding also stops at the family's end-of-turn token
+    samples: int = 4  # generations logged with each eval (metrics.jsonl, and a wandb table)
+
+
+@dataclass
 class Config:
     """A whole run: one section per stage of the pipeline."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -206,6 +227,12 @@ FAMILIAR_NAMES = {
     "max_seq_length": "data.max_length", "seq_len": "data.max_length", "logging_steps": "train.log_every_steps",
     "resume_from_checkpoint": "run.resume", "attn_implementation": "model.attn_implementation",
 }  # fmt: skip
+
+
+def text_field(key: str) -> bool:
+    """Whether `section.key` holds text (str, or Optional[str])."""
+    kind = field_types()[key]
+    return kind is str or (typing.get_origin(kind) is typing.Union and str in typing.get_args(kind))
 
 
 def closest_key(key: str) -> str | None:
@@ -281,6 +308,11 @@ def check_recipe_keys(path: str) -> None:
         for key in values:
             if f"{section}.{key}" not in field_types():
                 raise unknown_key(f"{section}.{key}", f" in {path}")
+            value = values[key]
+            if text_field(f"{section}.{key}") and value is not None and not isinstance(value, str):
+                # YAML reads 3:5 as the base-60 integer 185, 1e3 as a float and yes as true
+                raise ConfigError(f"{section}.{key}: {value!r} in {path} is not text; quote it, e.g. "
+                                  f"{key}: \"...\"")  # fmt: skip
         if section == "data" and values.get("sources") is not None:
             check_sources(values["sources"], f"data.sources in {path}")
 
@@ -337,6 +369,11 @@ def parse_config(argv: list[str]) -> Config:
                 raise ConfigError(f"--{key} needs a value")
             value, i = args[i + 1], i + 1
         check_value(key, value)
+        if text_field(key) and value.lower() not in ("null", "none"):
+            # draccus reads a value as YAML: unquoted, 3:5 would be the base-60 integer 185 and 1e3 a float
+            start = i if "=" in arg else i - 1
+            args[start : i + 1] = [f"--{key}={json.dumps(value)}"]
+            i = start
         i += 1
     try:
         return draccus.parse(Config, config_path=config_path, args=args)
@@ -360,11 +397,32 @@ def dump_config(config: Config) -> str:
     return redact(stream.getvalue())
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """--run.profile_steps "A:B" -> (A, B); "" -> None. ValueError for anything else."""
+    if not text.strip():
+        return None
+    first, sep, last = text.partition(":")
+    a, b = int(first), int(last if sep else first)
+    if not 1 <= a <= b:
+        raise ValueError(text)
+    return a, b
+
+
+def has_eval_data(data: DataConfig) -> bool:
+    """Whether the run has held-out data: an eval path, the bundled eval split, or a source's eval path."""
+    if data.sources:
+        return any(source.eval_path for source in data.sources)
+    return data.eval_path is not None or data.path == "bundled"
+
+
 def source_name(source: SourceConfig) -> str:
     """A source's name in metrics and the summary: its own, else its file's stem (a Hub id's last part)."""
     if source.name:
         return source.name
-    tail = source.path.rstrip("/").rsplit("/", 1)[-1].split("*")[0] or source.path.rstrip("/*")
+    parts = [part for part in source.path.rstrip("/").split("/") if part]
+    tail = parts[-1] if parts else "source"
+    if "*" in tail:  # a glob: its prefix (shard-*.parquet -> shard), else the directory's name (chat/*.jsonl -> chat)
+        tail = tail.split("*")[0].rstrip("-_.") or (parts[-2] if len(parts) > 1 else "source")
     for suffix in (".jsonl", ".json", ".parquet"):
         tail = tail.removesuffix(suffix)
     return tail or "source"

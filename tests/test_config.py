@@ -49,6 +49,18 @@ def test_validation_reports_every_problem_with_value_choices_and_flag():
     assert "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=4" in message
 
 
+def test_text_values_stay_text_on_the_command_line_and_are_refused_unquoted_in_a_recipe(tmp_path):
+    # YAML, which draccus reads each value with, takes 3:5 for the base-60 integer 185 and 1e3 for a float
+    config = parse_config(["--run.profile_steps", "3:5", "--run.output_dir=1e3", "--data.eval_path", "null"])
+    assert (config.run.profile_steps, config.run.output_dir, config.data.eval_path) == ("3:5", "1e3", None)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("run:\n  profile_steps: 3:5\n")
+    with pytest.raises(ConfigError, match=r"run.profile_steps: 185 in .*recipe.yaml is not text; quote it"):
+        parse_config(["--config", str(recipe)])
+    recipe.write_text('run:\n  profile_steps: "3:5"\n')
+    assert parse_config(["--config", str(recipe)]).run.profile_steps == "3:5"
+
+
 def test_saved_config_parses_back_to_the_same_config(tmp_path):
     config = parse_config(["--train.lr", "0.125", "--run.trackers", "[jsonl,wandb]", "--data.packing", "true"])
     saved = tmp_path / "config.yaml"
@@ -75,6 +87,23 @@ REFUSALS = {
     "negative_gc_interval": (
         ["--train.gc_every_steps", "-5"],
         "--train.gc_every_steps=-5 must be >= 0 (0: Python's automatic collection)",
+    ),
+    "keep_best_by_unknown": (
+        ["--checkpoint.keep_best_by", "accuracy"],
+        "--checkpoint.keep_best_by=accuracy is not valid; choose one of eval_loss, gen_exact_match, gen_contains",
+    ),
+    "keep_best_by_generation_without_its_evals": (
+        ["--checkpoint.keep_best_by", "gen_exact_match"],
+        "--checkpoint.keep_best_by=gen_exact_match needs generation evals: --eval.generate_every N",
+    ),
+    "keep_best_by_off_the_eval_steps": (
+        ["--checkpoint.keep_best_by", "eval_loss", "--train.eval_every", "15", "--checkpoint.every_steps", "20"],
+        "make --checkpoint.every_steps=20 a multiple of --train.eval_every=15",
+    ),
+    "profile_steps_backwards": (["--run.profile_steps", "5:3"], "--run.profile_steps=5:3 is not valid: give A:B"),
+    "generation_without_held_out_prompts": (
+        ["--eval.generate_every", "10", "--data.path", "org/some-dataset"],
+        "--eval.generate_every=10 needs held-out prompts: give --eval.generate_path FILE",
     ),
     "flash_attention_on_cpu": (
         ["--model.attn_implementation", "flash_attention_2"],
