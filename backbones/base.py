@@ -31,7 +31,7 @@ from transformers import (
 from backbones.attention import TORCH_VARLEN  # noqa: F401  (registers the torch_varlen attention implementation)
 from backbones.hub import hub_unreachable, offline_advice
 from backbones.lora import init_adapter, is_adapter, pretrained_name
-from backbones.loss import causal_lm_loss_sum
+from backbones.loss import causal_lm_last_token_logits, causal_lm_loss_sum
 from backbones.prompting import ESCAPE, PromptBuilder
 from backbones.weights import SafetensorsReader, WeightsError
 
@@ -199,6 +199,7 @@ class HFCausalLLMBackbone(LLMBackbone):
         self.llm.generation_config = self._generation_config(config)
         # The loss with the head in chunks (no full fp32 logits); fsdp registers it as a forward method.
         self.llm.chunked_loss_sum = MethodType(causal_lm_loss_sum, self.llm)
+        self.llm.last_token_logits = MethodType(causal_lm_last_token_logits, self.llm)  # greedy evals in the loop
         self.llm.config.pad_token_id = self.tokenizer.pad_token_id
         self.llm.config.use_cache = inference_mode
         if not inference_mode:

@@ -45,3 +45,11 @@ def causal_lm_loss_sum(model, labels: torch.Tensor, chunk_tokens: int, **inputs)
     hidden = model.model(**inputs, use_cache=False).last_hidden_state
     return chunked_cross_entropy_sum(hidden[:, :-1].flatten(0, 1), model.lm_head.weight, labels[:, 1:].flatten(),
                                      chunk_tokens)  # fmt: skip
+
+
+def causal_lm_last_token_logits(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """fp32 logits [len(positions), vocab] at `positions` of the flattened batch (each sequence's last token, when
+    decoding): the head runs on those rows only, never on the whole [tokens, vocab]. Bound to the model as
+    `model.last_token_logits`, an FSDP forward method like `chunked_loss_sum`."""
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[positions]
+    return model.lm_head(hidden).float()

@@ -3,6 +3,7 @@ checkpointing, and distributed checkpoint I/O. The training loop uses only the v
 
 from fsdp.dist import (
     DistEnv,
+    all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -18,6 +19,7 @@ from fsdp.parallelize import apply_parallelism, clip_grad_norm_, set_gradient_sy
 __all__ = [
     "DistEnv",
     "Heartbeat",
+    "all_gather_object",
     "all_reduce_sum",
     "apply_parallelism",
     "barrier",

@@ -54,6 +54,8 @@ class SavePolicy:
     keep_last: int = 2
     async_save: bool = False
     timeout_s: float = 3600.0  # collective timeout while loading and saving
+    keep_best_by: str | None = None  # also keep the best checkpoint by this score (see `save`), never pruned
+    best_is_lowest: bool = True
 
 
 def checkpoint_name(step: int) -> str:
@@ -94,6 +96,19 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
     return [path for _, path in reversed(steps)]
+
+
+def best_checkpoint(root: Path, metric: str, lowest: bool = True) -> Path | None:
+    """The complete checkpoint with the best `metric` among those scored with it (the later one on a tie)."""
+    best, best_value = None, None
+    for path in reversed(list_checkpoints(root)):  # oldest first
+        try:
+            value = read_checkpoint_meta(path).get("scores", {}).get(metric)
+        except CheckpointError:
+            continue
+        if value is not None and (best_value is None or (value <= best_value if lowest else value >= best_value)):
+            best, best_value = path, value
+    return best
 
 
 def find_latest_checkpoint(root: Path) -> Path | None:
@@ -290,9 +305,11 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         last_step: bool = False,
         force: bool = False,
+        scores: dict[str, float] | None = None,
     ) -> bool:
         """Collective. Saves on the policy's steps, at the last step (so that a failed export only needs a re-run), or
-        when `force`d (by time, or a signal); returns whether it did. `trainer_state` must be equal on every rank."""
+        when `force`d (by time, or a signal); returns whether it did. `trainer_state` must be equal on every rank.
+        `scores` (evaluation metrics measured at this step) are recorded with it, for keep_best_by."""
         every = self.policy.every_steps
         if not (force or last_step or (every and step % every == 0)):
             return False
@@ -322,7 +339,8 @@ class CheckpointManager:
                     dcp.save(state, storage_writer=PathFreeWriter(str(tmp_dir)))
             except Exception as error:  # DCP raises on every rank when any rank's write failed
                 self._fail(tmp_dir, needed, final_dir, error)
-        self.pending = PendingSave(future, tmp_dir, final_dir, {**self.identity, "step": step}, needed)
+        meta = {**self.identity, "step": step, "scores": scores or {}}
+        self.pending = PendingSave(future, tmp_dir, final_dir, meta, needed)
         self.last_save_time = time.monotonic()
         if not self.policy.async_save:
             self.finish()
@@ -416,7 +434,7 @@ class CheckpointManager:
             barrier()
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints."""
+        """Keep the newest `keep_last` complete checkpoints, and the best one by `keep_best_by`."""
         complete = []
         for path in list_checkpoints(self.root):
             try:
@@ -424,8 +442,14 @@ class CheckpointManager:
                 complete.append(path)
             except CheckpointError:
                 continue
+        best = self.best()
         for path in complete[self.policy.keep_last :]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path != best:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def best(self) -> Path | None:
+        metric = self.policy.keep_best_by
+        return best_checkpoint(self.root, metric, self.policy.best_is_lowest) if metric else None
 
 
 def _tensors(tree) -> list[torch.Tensor]:

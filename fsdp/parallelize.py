@@ -24,7 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 log = logging.getLogger(__name__)
 # Attribute on the root FSDP module: the accumulation mode chosen by apply_parallelism, read by set_gradient_sync.
 UNSHARDED_ACCUMULATION = "_shardtune_unsharded_grad_accumulation"
-FORWARD_METHODS = ("chunked_loss_sum",)
+FORWARD_METHODS = ("chunked_loss_sum", "last_token_logits")
 
 
 def apply_parallelism(

@@ -1,10 +1,11 @@
 """Export a checkpoint as a Hugging Face directory, streaming one tensor at a time.
 
     python -m launch.export RUN_DIR|CHECKPOINT OUT [--dtype bf16|fp32] [--max-shard-size-mb 5000] [--overwrite]
+    python -m launch.export RUN_DIR OUT --best
 
-RUN_DIR takes the run's newest intact checkpoint. The dtype defaults to the one the run exports in (its
-`export.dtype`). Needs no process group and no GPU; peak memory is one safetensors shard plus one tensor. The
-end-of-training `final/` is written by the same `fsdp.export.export_hf`.
+RUN_DIR takes the run's newest intact checkpoint, or with --best its best one (--checkpoint.keep_best_by). The dtype
+defaults to the one the run exports in (its `export.dtype`). Needs no process group and no GPU; peak memory is one
+safetensors shard plus one tensor. The end-of-training `final/` is written by the same `fsdp.export.export_hf`.
 
 OUT is never clobbered by accident: an existing OUT must be empty or an earlier export (which is replaced whole, only
 once the new one is complete), unless --overwrite; OUT may not be, contain, or lie inside the source.
@@ -23,7 +24,13 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from backbones.lora import LoraSettings, adapter_sources, merged_sources
-from fsdp.checkpoint import CheckpointError, checkpoint_tensor_sources, find_latest_checkpoint, read_checkpoint_meta
+from fsdp.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    checkpoint_tensor_sources,
+    find_latest_checkpoint,
+    read_checkpoint_meta,
+)
 from fsdp.export import DTYPES, MARKER, ExportError, TensorSource, export_hf
 from launch.secrets import scrub_directory
 
@@ -42,6 +49,23 @@ def resolve_checkpoint(source: Path) -> Path:
     if not source.is_dir():
         raise ExportRefused(f"{source}: no such checkpoint or run directory")
     return source
+
+
+def resolve_best(run_dir: Path) -> Path:
+    """A run directory's best checkpoint by the metric the run kept it by (--checkpoint.keep_best_by)."""
+    from launch.validate import BEST_BY
+
+    latest = find_latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    if latest is None:
+        raise ExportRefused(f"--best: {run_dir} is not a run directory with an intact checkpoint")
+    metric = read_checkpoint_meta(latest).get("keep_best_by")
+    if metric not in BEST_BY:
+        raise ExportRefused(f"--best: {run_dir} was not run with --checkpoint.keep_best_by (eval_loss, gen_exact_match "
+                            "or gen_contains); export its newest checkpoint without --best")  # fmt: skip
+    best = best_checkpoint(run_dir / "checkpoints", metric, BEST_BY[metric] == "lowest")
+    if best is None:
+        raise ExportRefused(f"--best: no checkpoint of {run_dir} was saved at an evaluation of {metric} yet")
+    return best
 
 
 def check_destination(out: Path, checkpoint: Path, run_dir: Path, overwrite: bool) -> None:
@@ -120,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the run's export.dtype")
     parser.add_argument("--max-shard-size-mb", type=int, default=5000)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination that is no export")
+    parser.add_argument(
+        "--best", action="store_true", help="a run directory's best checkpoint (--checkpoint.keep_best_by)"
+    )
     args = parser.parse_args(argv)
     if args.max_shard_size_mb < 1:
         print(f"shardtune export: --max-shard-size-mb={args.max_shard_size_mb} would write one file per tensor; use "
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # DCP warns that it loads in a single process: that is the point here.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
-        checkpoint = resolve_checkpoint(args.source)
+        checkpoint = resolve_best(args.source) if args.best else resolve_checkpoint(args.source)
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
         check_destination(args.out_dir, checkpoint, run_dir, args.overwrite)
         dtype = export_checkpoint(checkpoint, args.out_dir, args.dtype, args.max_shard_size_mb)

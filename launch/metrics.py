@@ -102,8 +102,8 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(redact(json.dumps(record)) + "\n")
         if self.wandb is not None:
-            self.wandb.log(record)
-        if "eval_loss" in record:
+            self.wandb.log(wandb_record(record))
+        if "eval_loss" in record or "gen_exact_match" in record:
             self.plot()
 
     def plot(self) -> None:
@@ -120,6 +120,19 @@ class MetricsWriter:
             self.plot()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_record(record: dict) -> dict:
+    """The record as wandb takes it: the generation samples as a table (step, source, prompt, reference,
+    generated), as TRL's completions table."""
+    samples = record.get("gen_samples")
+    if not samples:
+        return record
+    import wandb
+
+    columns = ["step", "source", "prompt", "reference", "generated"]
+    rows = [[record["step"], *(redact(str(sample[c])) for c in columns[1:])] for sample in samples]
+    return {**record, "gen_samples": wandb.Table(columns=columns, data=rows)}
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -1,5 +1,6 @@
-"""Loss curves from `metrics.jsonl`: train loss (raw and smoothed), eval loss, learning rate and tokens/s against
-steps, with the supervised tokens seen on a second axis. One run, or several overlaid.
+"""Loss curves from `metrics.jsonl`: train loss (raw and smoothed), eval loss (with the generation evals' exact match
+on a right axis), learning rate and tokens/s against steps, with the supervised tokens seen on a second axis. One
+run, or several overlaid.
 
     python -m launch.plot RUN_DIR [RUN_DIR ...] [--out curves.png]   (default: RUN_DIR/loss.png, or runs.png beside
                                                                      the first of several)
@@ -42,10 +43,14 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
 
 
 def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, eval records); a resumed run's re-logged steps keep their last values."""
+    """(step records, evaluation records: eval loss and generation scores, one per step); a resumed run's re-logged
+    steps keep their last values."""
     steps, evals = {}, {}
     for _, record in read_jsonl(run_dir / "metrics.jsonl"):
-        (evals if "eval_loss" in record else steps)[record["step"]] = record
+        if "loss" in record:
+            steps[record["step"]] = record
+        elif "eval_loss" in record or "gen_exact_match" in record:
+            evals[record["step"]] = record
     return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
 
 
@@ -83,7 +88,7 @@ def plot_runs(run_dirs: list[Path], out: Path):
     for axis in axes[1]:
         axis.set_xlabel("step")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    first_tokens = None
+    first_tokens, gen_axis = None, None
     for index, run_dir in enumerate(run_dirs):
         steps, evals = read_records(Path(run_dir))
         if not steps:
@@ -94,6 +99,13 @@ def plot_runs(run_dirs: list[Path], out: Path):
         panels["train loss"].plot(x, smooth(loss), color=color, label=name)
         if evals:
             panels["eval loss"].plot(*series(evals, "eval_loss"), "o-", color=color, label=name)
+            steps_scored, exact = series(evals, "gen_exact_match")
+            if steps_scored:  # the generation evals' exact match, on the eval panel's right axis
+                if gen_axis is None:
+                    gen_axis = panels["eval loss"].twinx()
+                    gen_axis.set_ylabel("generation exact match")
+                    gen_axis.set_ylim(-0.02, 1.02)
+                gen_axis.plot(steps_scored, exact, "s--", color=color, alpha=0.8, label=f"{name} exact match")
         panels["learning rate"].plot(*series(steps, "lr"), color=color, label=name)
         panels["tokens/s"].plot(*series(steps, "tokens_per_s"), color=color, alpha=0.8, label=name)
         if first_tokens is None:
@@ -118,6 +130,8 @@ def plot_runs(run_dirs: list[Path], out: Path):
     for axis in panels.values():
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize="small")
+    if gen_axis is not None:
+        gen_axis.legend(fontsize="small", loc="center right")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fsdp import DistEnv
+from fsdp.checkpoint import read_checkpoint_meta
 from launch.plot import read_records
 from launch.secrets import redact, redact_tree
 
@@ -83,19 +84,24 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def write_summary(run_dir: Path, wall_time_s: float, peak_gib: list[float], checkpoints: list[Path],
-                  final_dir: Path, sources: dict[str, dict] | None = None) -> dict:  # fmt: skip
+                  final_dir: Path, sources: dict[str, dict] | None = None,
+                  best: tuple[str, Path | None] | None = None) -> dict:  # fmt: skip
     """summary.json from this run's records in metrics.jsonl; `sources` (a mixture's plan) adds, per source, the
     tokens it got and their share of the input tokens beside the share it was meant to get."""
     steps, evals = read_records(run_dir)
-    losses = [r["eval_loss"] for r in evals]
-    best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
+    scored = [r for r in evals if "eval_loss" in r]
+    losses = [r["eval_loss"] for r in scored]
+    lowest = min(scored, key=lambda r: r["eval_loss"]) if scored else None
+    generated = [r for r in evals if "gen_exact_match" in r]
     step_time = sum(r["step_time_s"] for r in steps)
     mfu = [r["mfu"] for r in steps if "mfu" in r]
     summary = {
         "final_eval_loss": losses[-1] if losses else None,
-        "best_eval_loss": best["eval_loss"] if best else None,
-        "best_eval_step": best["step"] if best else None,
+        "best_eval_loss": lowest["eval_loss"] if lowest else None,
+        "best_eval_step": lowest["step"] if lowest else None,
         "final_train_loss": steps[-1]["loss"] if steps else None,
+        "final_gen_exact_match": generated[-1]["gen_exact_match"] if generated else None,
+        "best_gen_exact_match": max(r["gen_exact_match"] for r in generated) if generated else None,
         "steps": steps[-1]["step"] if steps else 0,
         "epochs": steps[-1]["epoch"] if steps else 0.0,
         "wall_time_s": round(wall_time_s, 1),
@@ -107,6 +113,10 @@ def write_summary(run_dir: Path, wall_time_s: float, peak_gib: list[float], chec
         "checkpoints": [str(p) for p in checkpoints],
         "final": str(final_dir),
     }
+    if best is not None:  # --checkpoint.keep_best_by: (metric, its best checkpoint)
+        metric, path = best
+        value = read_checkpoint_meta(path)["scores"][metric] if path else None
+        summary["best_checkpoint"] = {"by": metric, "path": str(path) if path else None, "value": value}
     if sources:
         total = max(1, summary["input_tokens"])
         summary["sources"] = {}

@@ -36,8 +36,9 @@ class StepEnd:
         self.checkpoints.publish_if_written(writes_done)
         stop = bool(interrupted or preempted)
         last = trainer.step == trainer.total_steps
+        scores = trainer.scores if trainer.scores_step == trainer.step else None  # an evaluation at this step
         self.checkpoints.save(trainer.step, trainer.model, trainer.optimizer, trainer.state_dict(), last_step=last,
-                              force=stop or bool(time_due))  # fmt: skip
+                              force=stop or bool(time_due), scores=scores)  # fmt: skip
         if stop and not last:
             self.checkpoints.finish()
             status = EXIT_PREEMPTED if preempted else EXIT_INTERRUPTED

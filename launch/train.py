@@ -66,7 +66,7 @@ from fsdp.dist import all_gather_object, collective_failure, set_collective_time
 from fsdp.export import ExportError, model_tensor_sources
 from fsdp.materialize import materialize
 from launch.attention import AttentionError, resolve_attn_implementation
-from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config
+from launch.config import Config, ConfigError, config_to_dict, dump_config, parse_config, profile_range
 from launch.data import (
     DataError,
     GlobalBatchSampler,
@@ -75,9 +75,11 @@ from launch.data import (
     TokenizingStopped,
     batch_layout,
     build_data,
+    build_tokenized,
 )
 from launch.export import export_model
 from launch.flops import build_flop_counter, peak_bf16_flops
+from launch.generation import GenerationEval, held_out
 from launch.lifecycle import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -90,6 +92,7 @@ from launch.lifecycle import (
 from launch.metrics import MetricsWriter, setup_logging
 from launch.optim import build_optimizer, build_schedule, decay_parameter_names
 from launch.preemption import PreemptionHandler, write_marker
+from launch.profiling import StepProfiler
 from launch.record import peak_memory_gib, write_run_record, write_summary
 from launch.rundir import (
     RunDirError,
@@ -103,7 +106,7 @@ from launch.secrets import redact, register_token_file, scrub_directory
 from launch.stage import apply_stage, lora_settings, lora_target_problems
 from launch.step_end import StepEnd, Stopped
 from launch.trainer import Trainer
-from launch.validate import validate_config
+from launch.validate import BEST_BY, validate_config
 
 log = logging.getLogger("launch.train")
 
@@ -122,6 +125,7 @@ class Prepared:
     resume_from: Path | None
     replace_finished: bool  # --run.overwrite over a finished run: removed once this run starts training
     lora: LoraSettings | None  # for --train.stage lora
+    held_out: dict[str, TokenizedData] = dataclasses.field(default_factory=dict)  # generation evals' prompts
 
 
 BAD_INPUT = (ConfigError, RunDirError, AttentionError, DataError, CheckpointError, WeightsError, OSError)
@@ -153,9 +157,17 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     if problems := lora_target_problems(backbone, lora):
         raise ConfigError(f"invalid configuration: {problems[0]}")
     # data: tokenized through the backbone's prompt builder (cached; every rank reads the same files)
-    train_data, eval_data = build_data(config.data, backbone, config.run.seed, config.train.eval_every >= 0,
-                                       should_stop)  # fmt: skip
+    generating, prompts_file = config.eval.generate_every > 0, config.eval.generate_path
+    with_eval = config.train.eval_every >= 0 or (generating and prompts_file is None)
+    train_data, eval_data = build_data(config.data, backbone, config.run.seed, with_eval, should_stop)
     check_fills_a_batch(train_data, config)
+    held_out = eval_data if generating else {}
+    if generating and prompts_file is not None:
+        prompts = dataclasses.replace(config.data, eval_path=prompts_file, sources=[])
+        held_out = {"": build_tokenized(prompts, backbone, "eval", packing=False, should_stop=should_stop,
+                                        flag="--eval.generate_path")}  # fmt: skip
+    if config.train.eval_every < 0:
+        eval_data = {}  # built for the generation evals only
     # resume: the newest intact checkpoint of this run (auto), a given one, or none; refused if it is another
     # backbone's or stage's
     hf_extras = hf_extras_writer(config, backbone)
@@ -164,7 +176,8 @@ def prepare(argv: list[str], env: DistEnv, should_stop: Callable[[], bool] = lam
     resume_from = None if replace else checkpoints.select(config.run.resume)
     if resume_from is not None:
         check_resume_within_steps(resume_from, config, items_per_epoch(train_data))
-    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace, lora)
+    return Prepared(config, backbone, train_data, eval_data, attn, hf_extras, checkpoints, resume_from, replace, lora,
+                    held_out)  # fmt: skip
 
 
 def check_resume_within_steps(checkpoint: Path, config: Config, items: int) -> None:
@@ -279,11 +292,20 @@ def build_checkpoint_manager(config: Config, env: DistEnv, hf_extras: Callable[[
         "lora_settings": dataclasses.asdict(lora) if lora else None,  # for the offline export
         "world_size": env.world_size,
         "config_digest": config_digest(config),
+        "keep_best_by": config.checkpoint.keep_best_by,
     }
     ckpt = config.checkpoint
     return CheckpointManager(
         Path(config.run.output_dir) / "checkpoints",
-        SavePolicy(ckpt.every_steps, ckpt.every_minutes, ckpt.keep_last, ckpt.async_save, ckpt.timeout_s),
+        SavePolicy(
+            ckpt.every_steps,
+            ckpt.every_minutes,
+            ckpt.keep_last,
+            ckpt.async_save,
+            ckpt.timeout_s,
+            ckpt.keep_best_by,
+            BEST_BY.get(ckpt.keep_best_by) == "lowest",
+        ),
         identity,
         env.device,
         must_match={"backbone": "--model.backbone", "stage": "--train.stage", "lora": "--lora.*"},
@@ -358,6 +380,9 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         flops,
         peak,
         config.run.heartbeat_s,
+        generation_eval(prepared, env),
+        config.eval.generate_every,
+        StepProfiler(profile_range(config.run.profile_steps), run_dir / "profile", env.rank, env.device),
     )
     if state is not None:
         trainer.load_state_dict(state)
@@ -391,10 +416,27 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
     peaks = all_gather_object(peak_memory_gib(env.device))
     if is_rank0():
         saved = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+        best = (config.checkpoint.keep_best_by, checkpoints.best()) if config.checkpoint.keep_best_by else None
         write_summary(run_dir, time.monotonic() - started, peaks, saved, run_dir / "final",
-                      mixture.plan() if mixture else None)  # fmt: skip
+                      mixture.plan() if mixture else None, best)  # fmt: skip
     log.info("done: %s", run_dir / "final")
     return trainer
+
+
+def generation_eval(prepared: Prepared, env: DistEnv) -> GenerationEval | None:
+    """The generation evals' prompts and decoding (--eval.*), or None when off."""
+    config, backbone = prepared.config, prepared.backbone
+    if config.eval.generate_every <= 0:
+        return None
+    tokenizer = backbone.tokenizer
+    stop_ids = {tokenizer.eos_token_id}
+    if backbone.end_of_turn_token:
+        stop_ids.add(tokenizer.convert_tokens_to_ids(backbone.end_of_turn_token))
+    prompts = held_out(prepared.held_out, config.eval.generate_count, stop_ids)
+    log.info("generation evals every %d steps: %d held-out prompts, greedy, up to %d new tokens",
+             config.eval.generate_every, len(prompts), config.eval.max_new_tokens)  # fmt: skip
+    return GenerationEval(prompts, tokenizer, stop_ids, config.eval.max_new_tokens, batch_layout(False, prepared.attn),
+                          env.device, config.eval.samples)  # fmt: skip
 
 
 def hf_extras_writer(config: Config, backbone: HFCausalLLMBackbone):

@@ -19,7 +19,9 @@ from fsdp import DistEnv, Heartbeat, all_reduce_sum, clip_grad_norm_, is_rank0, 
 from launch.config import TrainConfig
 from launch.data import IGNORE_INDEX, GlobalBatchSampler, Mixture, TokenizedData, micro_batch
 from launch.flops import FlopCounter
+from launch.generation import GenerationEval
 from launch.metrics import MetricsWriter, Progress
+from launch.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,13 @@ class Trainer:
     flops: FlopCounter | None = None
     peak_flops: float | None = None  # dense bf16 peak of one device: MFU is logged when known
     heartbeat_s: float = 0.0  # rank 0 names the silent ranks after waiting this long (0: off; fsdp.heartbeat)
+    generation: GenerationEval | None = None  # greedy answers to held-out prompts, every `generate_every` steps
+    generate_every: int = 0
+    profiler: StepProfiler | None = None  # --run.profile_steps
     step: int = field(default=0, init=False)  # optimizer steps completed
+    # the metrics of the last evaluation and its step: a checkpoint saved at that step is scored with them
+    scores: dict[str, float] = field(default_factory=dict, init=False)
+    scores_step: int = field(default=-1, init=False)
 
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a resume needs; identical on every rank."""
@@ -182,39 +190,56 @@ class Trainer:
         by raising."""
         eval_every = self.train.eval_every
         evaluating = bool(self.eval_data) and eval_every >= 0
+        generating = self.generation is not None and self.generate_every > 0
         bar = Progress(self.total_steps, self.step, is_rank0(), self.train.log_every_s, self.train.log_every_steps)
         gc_every = self.train.gc_every_steps
         heartbeat = Heartbeat(self.heartbeat_s)
+        profiler = self.profiler or StepProfiler(None)
         with steps_collect_garbage(gc_every):
             try:
-                if evaluating and self.step == 0:
-                    self.log_eval()
+                if (evaluating or generating) and self.step == 0:
+                    self.log_eval(evaluating, generating)
                 while self.step < self.total_steps:
                     heartbeat.at(self.step + 1, 0)
+                    profiler.before(self.step + 1)
                     record = self.train_step()
+                    profiler.after(self.step)
                     self.metrics.log(record)
                     bar.step(record)
                     last = self.step == self.total_steps
-                    if evaluating and ((eval_every and self.step % eval_every == 0) or last):
-                        self.log_eval()
+                    loss_due = evaluating and ((eval_every and self.step % eval_every == 0) or last)
+                    generate_due = generating and (self.step % self.generate_every == 0 or last)
+                    if loss_due or generate_due:
+                        self.log_eval(loss_due, generate_due)
                     if gc_every and self.step % gc_every == 0:
                         gc.collect(1)
                     heartbeat.at(self.step, 1)
                     if on_step_end is not None:
                         on_step_end(self)
             finally:
+                profiler.close()
                 heartbeat.stop()
                 bar.close()
 
-    def log_eval(self) -> None:
-        """eval_loss over every eval split together (token-weighted); with a mixture's sources also each one's,
-        as eval_loss/NAME."""
-        results = {name: self.evaluate(data) for name, data in self.eval_data.items()}
-        loss_sum, tokens = (sum(values) for values in zip(*results.values()))
-        eval_loss = loss_sum / max(tokens, 1.0)
-        perplexity = math.exp(min(eval_loss, 50))
-        record = {"step": self.step, "eval_loss": eval_loss, "eval_perplexity": perplexity}
-        record.update({f"eval_loss/{name}": s / max(n, 1.0) for name, (s, n) in results.items() if name})
+    def log_eval(self, loss: bool = True, generate: bool = False) -> None:
+        """One evaluation record: with `loss`, eval_loss over every eval split together (token-weighted) and, with a
+        mixture's sources, each one's as eval_loss/NAME; with `generate`, the generation scores (launch.generation)."""
+        record: dict = {"step": self.step}
+        said = []
+        if loss:
+            results = {name: self.evaluate(data) for name, data in self.eval_data.items()}
+            loss_sum, tokens = (sum(values) for values in zip(*results.values()))
+            eval_loss = loss_sum / max(tokens, 1.0)
+            perplexity = math.exp(min(eval_loss, 50))
+            record.update({"eval_loss": eval_loss, "eval_perplexity": perplexity})
+            record.update({f"eval_loss/{name}": s / max(n, 1.0) for name, (s, n) in results.items() if name})
+            per_source = "".join(f", {name} {s / max(n, 1.0):.4f}" for name, (s, n) in results.items() if name)
+            said.append(f"eval loss {eval_loss:.4f} (perplexity {perplexity:.2f}){per_source}")
+        if generate:
+            record.update(self.generation(self.model, self.env.rank, self.env.world_size))
+            said.append(f"generation: exact match {record['gen_exact_match']:.1%}, contains "
+                        f"{record['gen_contains']:.1%}, {record['gen_length']:.1f} tokens")  # fmt: skip
         self.metrics.log(record)
-        per_source = "".join(f", {name} {s / max(n, 1.0):.4f}" for name, (s, n) in results.items() if name)
-        log.info("step %d: eval loss %.4f (perplexity %.2f)%s", self.step, eval_loss, perplexity, per_source)
+        self.scores = {k: v for k, v in record.items() if k in ("eval_loss", "gen_exact_match", "gen_contains")}
+        self.scores_step = self.step
+        log.info("step %d: %s", self.step, "; ".join(said))

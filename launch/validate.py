@@ -12,7 +12,7 @@ from pathlib import Path
 
 from backbones.registry import BACKBONES
 from launch.attention import IMPLEMENTATIONS
-from launch.config import Config, ConfigError, LoraSection, looks_local, source_name
+from launch.config import Config, ConfigError, LoraSection, has_eval_data, looks_local, profile_range, source_name
 
 CHOICES = {
     ("model", "attn_implementation"): IMPLEMENTATIONS,
@@ -83,6 +83,7 @@ def validate_config(config: Config, world_size: int | None = None, check_paths: 
     if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last < 1:
         problems.append("--checkpoint.every_steps must be >= 0 and --checkpoint.keep_last >= 1")
     problems += stage_problems(config) + size_problems(config) + mixture_problems(config, check_paths)
+    problems += eval_problems(config, check_paths)
     problems += optimizer_problems(config) + (
         path_problems(config) + accelerate_problems(config) if check_paths else []
     )
@@ -159,6 +160,45 @@ def mixture_problems(config: Config, check_paths: bool = True) -> list[str]:
         elif not all(c.isalnum() or c in "-_." for c in name):
             problems.append(f"{where}.name={name}: use letters, digits, '-', '_' or '.' (it names metrics)")
         names.setdefault(name, i)
+    return problems
+
+
+BEST_BY = {"eval_loss": "lowest", "gen_exact_match": "highest", "gen_contains": "highest"}
+
+
+def eval_problems(config: Config, check_paths: bool = True) -> list[str]:
+    """Generation evals, the best-checkpoint metric and the profiler's steps."""
+    ev, problems = config.eval, []
+    if ev.generate_every < 0 or ev.generate_count < 1 or ev.max_new_tokens < 1 or ev.samples < 0:
+        problems.append(f"--eval.generate_every={ev.generate_every} must be >= 0 (0: off), --eval.generate_count="
+                        f"{ev.generate_count} and --eval.max_new_tokens={ev.max_new_tokens} >= 1, --eval.samples="
+                        f"{ev.samples} >= 0")  # fmt: skip
+    held_out = ev.generate_path is not None or has_eval_data(config.data)
+    if ev.generate_every > 0 and not held_out:
+        problems.append(f"--eval.generate_every={ev.generate_every} needs held-out prompts: give --eval.generate_path "
+                        "FILE, or eval data (--data.eval_path, or eval_path on a source)")  # fmt: skip
+    if check_paths and ev.generate_path and looks_local(ev.generate_path) and not local_data_exists(ev.generate_path):
+        problems.append(f"--eval.generate_path={ev.generate_path}: no such file")
+    best = config.checkpoint.keep_best_by
+    if best is not None:
+        every = {"eval_loss": config.train.eval_every}.get(best, ev.generate_every)
+        flag = "--train.eval_every" if best == "eval_loss" else "--eval.generate_every"
+        saves = config.checkpoint.every_steps
+        if best not in BEST_BY:
+            problems.append(f"--checkpoint.keep_best_by={best} is not valid; choose one of {', '.join(BEST_BY)}")
+        elif best == "eval_loss" and (every < 0 or not has_eval_data(config.data)):
+            problems.append("--checkpoint.keep_best_by=eval_loss needs evaluations: eval data (--data.eval_path) and "
+                            "--train.eval_every >= 0")  # fmt: skip
+        elif best != "eval_loss" and every <= 0:
+            problems.append(f"--checkpoint.keep_best_by={best} needs generation evals: --eval.generate_every N")
+        elif saves and every and saves % every:
+            problems.append(f"--checkpoint.keep_best_by={best} scores the checkpoints saved where an evaluation runs: "
+                            f"make --checkpoint.every_steps={saves} a multiple of {flag}={every}")  # fmt: skip
+    try:
+        profile_range(config.run.profile_steps)
+    except ValueError:
+        problems.append(f"--run.profile_steps={config.run.profile_steps} is not valid: give A:B, the first and last "
+                        "step to trace (1-based, A <= B), e.g. 3:5")  # fmt: skip
     return problems
 
 

@@ -229,9 +229,9 @@ def free_port() -> int:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train step records, eval records) of a run's metrics.jsonl."""
+    """(train step records, eval records: eval loss, generation evals or both) of a run's metrics.jsonl."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r or "gen_exact_match" in r]
 
 
 def load_final(run_dir: Path) -> dict:
@@ -257,7 +257,8 @@ def metrics_steps(run_dir) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record["step"] for record in records if "loss" in record]
 
 
 # The uninterrupted reference run that resume tests compare against: 24 steps, checkpoints every 4 (newest 2 kept).

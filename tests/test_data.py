@@ -232,9 +232,7 @@ def test_tokenizing_in_a_log_file_shows_progress_with_rate_and_eta(tiny_backbone
     with caplog.at_level(logging.INFO, logger="launch.data"):
         build_tokenized(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", many_rows(300))), tiny_backbone, "train")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing ")]
-    assert len(lines) >= 3 and all(
-        "examples/s" in line and "ETA" in line and "% of the bytes" in line for line in lines
-    )
+    assert len(lines) >= 3 and all("rows/s" in line and "ETA" in line and "% of the bytes" in line for line in lines)
 
 
 def test_parquet_shards_by_glob_and_directory(tiny_backbone, tmp_path):

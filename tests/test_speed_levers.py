@@ -189,6 +189,7 @@ def test_garbage_is_collected_at_step_boundaries_only(monkeypatch):
         enabled_while_training.clear()
         train = TrainConfig(gc_every_steps=every, eval_every=-1, log_every_s=0)
         stub = SimpleNamespace(train=train, eval_data={}, total_steps=total, step=0, fail_at=fail_at, heartbeat_s=0.0,
+                               generation=None, generate_every=0, profiler=None,
                                metrics=SimpleNamespace(log=lambda record: None))  # fmt: skip
         stub.train_step = train_step.__get__(stub)
         Trainer.fit(stub)

@@ -88,13 +88,11 @@ class Mixture:
     def stream(self, i: int, first: int, count: int) -> np.ndarray:
         """Items `first` .. `first + count` of source i's endless stream (local indices): pass p is a permutation
         seeded by (seed, i, p)."""
-        n = self.sizes[i]
-        positions = np.arange(first, first + count, dtype=np.int64)
-        passes, within = np.divmod(positions, n)
-        out = np.empty(count, np.int64)
-        for p in np.unique(passes):
-            chosen = passes == p
-            out[chosen] = np.random.default_rng([self.seed, i, int(p)]).permutation(n)[within[chosen]]
+        n, out = self.sizes[i], np.empty(count, np.int64)
+        for p in range(first // n, (first + count - 1) // n + 1):  # the passes the range touches, a slice of each
+            lo, hi = max(first, p * n), min(first + count, (p + 1) * n)
+            permutation = np.random.default_rng([self.seed % 2**64, i, p]).permutation(n)
+            out[lo - first : hi - first] = permutation[lo - p * n : hi - p * n]
         return out
 
     def order(self, epoch: int) -> np.ndarray:

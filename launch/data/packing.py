@@ -6,6 +6,7 @@ nothing), with position ids restarting per example.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class PackedRows:
 
     def __init__(self, examples: TokenizedExamples, bins: list[list[int]], max_length: int, pad_id: int) -> None:
         self.examples, self.bins, self.max_length, self.pad_id = examples, bins, max_length, pad_id
+        self._lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -70,7 +72,8 @@ class PackedRows:
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         rows = [self.examples[i] for i in self.bins[index]]
         ids = [t for row in rows for t in row["input_ids"]]
-        labels = [t for row in rows for t in row["labels"]]
+        # An example's first token is never predicted from the previous example's last one (as collate_flat does).
+        labels = [t if j else IGNORE_INDEX for row in rows for j, t in enumerate(row["labels"])]
         lengths = [len(row["input_ids"]) for row in rows]
         pad = self.max_length - len(ids)
         return {
@@ -85,9 +88,12 @@ class PackedRows:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Real tokens per row."""
-        per_example = self.examples.lengths
-        return np.array([int(per_example[b].sum()) for b in self.bins], np.int64)
+        """Real tokens per row (computed once)."""
+        if self._lengths is None:
+            sizes = np.fromiter((len(b) for b in self.bins), np.int64, len(self.bins))
+            flat = np.fromiter(itertools.chain.from_iterable(self.bins), np.int64, int(sizes.sum()))
+            self._lengths = np.add.reduceat(self.examples.lengths[flat], np.cumsum(sizes) - sizes)
+        return self._lengths
 
 
 def pack(examples: TokenizedExamples, max_length: int, pad_id: int, from_cache: bool, overlong: int,

@@ -78,7 +78,7 @@ def run_parts(build: Callable[[int], dict], pending: list[int], progress: BuildP
             if should_stop():
                 raise TokenizingStopped
             counts[index] = build(index)
-            progress.advance(index, counts[index]["examples"])
+            progress.advance(index, counts[index]["rows"])
         return counts
     _JOB = build
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
@@ -93,7 +93,7 @@ def run_parts(build: Callable[[int], dict], pending: list[int], progress: BuildP
                     if should_stop():
                         raise TokenizingStopped from None
             counts[index] = part_counts
-            progress.advance(index, part_counts["examples"])
+            progress.advance(index, part_counts["rows"])
         pool.close()
     finally:
         pool.terminate()
@@ -104,15 +104,15 @@ def run_parts(build: Callable[[int], dict], pending: list[int], progress: BuildP
 
 class BuildProgress:
     """Tokenization progress on the building process: a tqdm bar on a terminal; in a log file (Slurm, CI) one line
-    every 10 s, with examples/s and the ETA from the share of the source done. `sizes` are the parts' sizes in
-    `unit` (bytes or rows)."""
+    every 10 s, with rows/s and the ETA from the share of the source done. `sizes` are the parts' sizes in `unit`
+    (bytes or rows)."""
 
     every_s = 10.0
 
     def __init__(self, name: str, sizes: list[int], unit: str, done: set[int]) -> None:
         self.name, self.sizes, self.unit = name, sizes, unit
         self.total, self.done = sum(sizes), sum(sizes[i] for i in done)
-        self.examples, self.start, self.last, self.first = 0, time.monotonic(), time.monotonic(), self.done
+        self.rows, self.start, self.last, self.first = 0, time.monotonic(), time.monotonic(), self.done
         self.bar = None
         if sys.stderr.isatty() and len(sizes) > 1:
             from tqdm import tqdm
@@ -120,9 +120,9 @@ class BuildProgress:
             self.bar = tqdm(total=self.total, initial=self.done, desc=f"tokenizing {name}", unit="B" if
                             unit == "bytes" else "row", unit_scale=True, file=sys.stderr)  # fmt: skip
 
-    def advance(self, index: int, examples: int) -> None:
+    def advance(self, index: int, rows: int) -> None:
         self.done += self.sizes[index]
-        self.examples += examples
+        self.rows += rows
         if self.bar is not None:
             self.bar.update(self.sizes[index])
             return
@@ -131,14 +131,13 @@ class BuildProgress:
             self.last = now
             rate = (self.done - self.first) / max(now - self.start, 1e-9)
             eta = datetime.timedelta(seconds=round((self.total - self.done) / max(rate, 1e-9)))
-            log.info("tokenizing %s: %d examples, %.0f%% of the %s, %.0f examples/s, ETA %s", self.name,
-                     self.examples, 100 * self.done / max(self.total, 1), self.unit,
-                     self.examples / (now - self.start), eta)  # fmt: skip
+            log.info("tokenizing %s: %d rows, %.0f%% of the %s, %.0f rows/s, ETA %s", self.name, self.rows,
+                     100 * self.done / max(self.total, 1), self.unit, self.rows / (now - self.start), eta)  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elapsed = time.monotonic() - self.start
-        if self.examples:
-            log.info("tokenized %s: %d examples in %.1f s (%.0f examples/s)", self.name, self.examples,
-                     elapsed, self.examples / max(elapsed, 1e-9))  # fmt: skip
+        if self.rows:
+            log.info("tokenized %s: %d rows in %.1f s (%.0f rows/s)", self.name, self.rows, elapsed,
+                     self.rows / max(elapsed, 1e-9))  # fmt: skip

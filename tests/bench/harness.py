@@ -115,7 +115,7 @@ def build_trainer(
     sampler = GlobalBatchSampler(len(data.dataset), global_batch, seed=0)
     metrics = MetricsWriter(Path(tempfile.mkdtemp()), [], {}, False, "")
     peak = peak_bf16_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
-    return Trainer(train, env, model, optimizer, build_schedule(optimizer, train, steps), sampler, steps, data, None,
+    return Trainer(train, env, model, optimizer, build_schedule(optimizer, train, steps), sampler, steps, data, {},
                    0, metrics, batch_layout(data.packed, attn), flops, peak)  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """The GPU path on a real GPU (`make gpu-check`; skipped with the reason elsewhere): NCCL, bf16 compute over fp32
 master weights, every flash kernel against SDPA with a mask, both stages, accumulation and activation-checkpointing
-memory, CPU offload beside NCCL."""
+memory, CPU offload beside NCCL, the profiler's CUDA memory snapshot and the generation evals on the GPU."""
 
 from __future__ import annotations
 
@@ -48,6 +48,33 @@ def test_two_steps_of_each_stage_train_on_the_gpu(tmp_path, stage):
     steps, _ = read_metrics(out)
     assert [r["step"] for r in steps] == [1, 2] and all(r["loss"] == r["loss"] for r in steps)
     assert all(r["tflops"] > 0 for r in steps)
+
+
+def test_profile_steps_write_a_trace_and_a_cuda_memory_snapshot_and_generation_evals_run(tmp_path):
+    import pickle
+
+    out = tmp_path / "run"
+    args = [
+        "--train.max_steps",
+        "4",
+        "--run.profile_steps",
+        "2:3",
+        "--eval.generate_every",
+        "4",
+        "--eval.generate_count",
+        "8",
+        "--eval.max_new_tokens",
+        "4",
+        "--run.output_dir",
+        str(out),
+    ]
+    ok(run_cli([*TINY, *BF16, *args], nproc=0))
+    trace = json.loads((out / "profile" / "trace-rank0.json").read_text())
+    assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])  # CUDA kernels, not only CPU ops
+    snapshot = pickle.loads((out / "profile" / "memory-rank0.pickle").read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"]
+    _, evals = read_metrics(out)
+    assert [r["step"] for r in evals if "gen_exact_match" in r] == [0, 4]
 
 
 @pytest.fixture(scope="module")
