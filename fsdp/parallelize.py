@@ -38,15 +38,15 @@ def apply_parallelism(
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
     unsharded_grad_accumulation: bool = False,
-    compile: bool = False,
+    compile: str | None = None,
 ) -> nn.Module:
     """In place, in this order (each later step wraps what the earlier produced):
     1. activation checkpointing per `layer_cls` block (composable: parameter names are unchanged): `full` recomputes
        the whole block in backward; `selective` keeps the outputs of matmuls and attention and recomputes the rest
        (norms, activations, elementwise: cheap to recompute, costly to keep), as torchtitan's op-level policy;
-    2. `compile`: torch.compile of each block's forward (FSDP's and checkpointing's hooks stay outside the compiled
-       region, parameter names are unchanged); shapes repeat (packed rows, bucketed widths), so it compiles once or
-       twice (a second time for dynamic lengths) and never again;
+    2. `compile` (a torch.compile backend, or None): torch.compile of each block's forward (FSDP's and
+       checkpointing's hooks stay outside the compiled region, parameter names are unchanged); shapes repeat (packed
+       rows, bucketed widths), so it compiles once or twice (a second time for dynamic lengths) and never again;
     3. `fully_shard` on every `layer_cls` block, then on the root — the FSDP2 form of
        `transformer_auto_wrap_policy({layer_cls})`; the root group holds embeddings, final norm and head.
     `param_dtype`: the compute dtype (bf16 over fp32 master weights), or None to compute in fp32; gradients are reduced
@@ -64,7 +64,7 @@ def apply_parallelism(
             checkpoint_module(block, context_fn=selective_context)
     if compile:
         for block in blocks:
-            block.forward = torch.compile(block.forward)
+            block.forward = torch.compile(block.forward, backend=compile)
     kwargs = dict(
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None),

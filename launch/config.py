@@ -96,6 +96,10 @@ class TrainConfig:
     # logits exist at once: ~12 x chunk x vocab bytes at a time, 98 MB for LLaMA-2 (0: full logits, as transformers).
     loss_chunk_tokens: int = 256
     compile: bool = False  # torch.compile each decoder block (after activation checkpointing, before FSDP)
+    # inductor generates kernels (Triton on CUDA, C++ on CPU); aot_eager captures the same graphs forward and backward
+    # and runs them eagerly (no codegen: a graph-break or recompile hunt, as torchtitan's compile.backend); eager
+    # captures the forward only.
+    compile_backend: str = "inductor"
     # Python's cyclic garbage collector runs only every this many steps, on every rank at once (as torchtitan's
     # gc_freq): left automatic, it pauses each rank at its own moments and the others wait at the next collective.
     # 0 = automatic.

@@ -333,7 +333,7 @@ def fit_and_export(prepared: Prepared, env: DistEnv, preemption: PreemptionHandl
         cpu_offload=fsdp.cpu_offload,
         reshard_after_forward=fsdp.sharding not in ("grad-op", "none"),
         unsharded_grad_accumulation=fsdp.unsharded_grad_accumulation,
-        compile=train.compile,
+        compile=train.compile_backend if train.compile else None,
     )
     # materialise: allocate this rank's shards; recompute buffers no state dict carries (rotary inv_freq)
     materialize(model, env.device)

@@ -20,6 +20,7 @@ CHOICES = {
     ("data", "overlong"): ("truncate", "drop"),
     ("train", "stage"): ("full", "last-layer", "lora"),
     ("train", "schedule"): ("cosine", "constant"),
+    ("train", "compile_backend"): ("inductor", "aot_eager", "eager"),
     ("fsdp", "sharding"): ("full", "grad-op", "hybrid", "none"),
     ("fsdp", "mixed_precision"): ("bf16", "fp32"),
     ("fsdp", "activation_checkpointing"): ("none", "full", "selective"),

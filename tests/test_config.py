@@ -75,6 +75,10 @@ REFUSALS = {
         ["--train.stage", "bogus"],
         "--train.stage=bogus is not valid; choose one of full, last-layer, lora",
     ),
+    "unknown_compile_backend": (
+        ["--train.compile", "true", "--train.compile_backend", "tensorrt"],
+        "--train.compile_backend=tensorrt is not valid; choose one of inductor, aot_eager, eager",
+    ),
     "batch_not_divisible": (
         ["--train.global_batch_size", "6", "--train.micro_batch_size", "2"],
         "--train.global_batch_size=6 is not divisible by world size 2 x --train.micro_batch_size=2",

@@ -82,7 +82,7 @@ def build_model(shape: dict, env: DistEnv, variant: Variant) -> tuple[torch.nn.M
         param_dtype=torch.bfloat16 if variant.mixed_precision == "bf16" else None,
         activation_checkpointing=variant.activation_checkpointing,
         cpu_offload=variant.cpu_offload,
-        compile=variant.compile,
+        compile="inductor" if variant.compile else None,
     )
     materialize(model, env.device)
     with torch.no_grad():
