@@ -132,6 +132,7 @@ def plot_runs(run_dirs: list[Path], out: Path):
             axis.legend(fontsize="small")
     if gen_axis is not None:
         gen_axis.legend(fontsize="small", loc="center right")
+        figure.subplots_adjust(right=0.94, wspace=0.22)  # room for the right axis's ticks and label
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
