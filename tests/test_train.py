@@ -168,6 +168,7 @@ def test_compile_matches_eager_losses_and_stops_compiling_after_warm_up(tmp_path
     graphs = json.loads((tmp_path / "compiled" / "inspect.json").read_text())["graphs_per_step"]
     graphs = graphs[len(graphs) // 2 :]  # the counter is per process: the compiled run's steps come second
     assert graphs[0] > 0 and graphs[2:] == [graphs[2]] * (len(graphs) - 2), graphs  # nothing new after step 2
+    assert not json.loads((tmp_path / "compiled" / "inspect.json").read_text())["inductor_ran"]  # the backend flag took
 
 
 def test_accelerate_launch_on_two_cpu_processes_trains_like_torchrun(one_process_run, tmp_path):

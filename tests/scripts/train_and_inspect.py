@@ -89,6 +89,7 @@ def inspect_run(prepared, env, graphs: list[int]) -> None:
                 "backend": str(dist.get_backend_config()),
                 "compute_dtype": seen[0],
                 "graphs_per_step": graphs,
+                "inductor_ran": bool(torch._dynamo.utils.counters["inductor"]),  # imported by count_graphs_per_step
                 **fsdp_settings(model, layer_cls),
                 **tie_settings(model, trainer.optimizer),
             }
